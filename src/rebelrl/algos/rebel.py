@@ -1,0 +1,149 @@
+"""REBEL: sample pairs from the current policy, score them, regress relative log-ratios on relative rewards.
+
+One iteration, top to bottom:
+    collect  -> k completions per prompt from pi_t (the policy before this iteration's update)
+    score    -> task reward, no-EOS penalty, minus kl_coef * (log pi_t - log pi_ref) per sequence
+    pair     -> (B, 2) pairs: the two samples (k = 2), best vs worst or adjacent (k > 2)
+    update   -> epochs x minibatches of ``rebel_loss``, gradient accumulation, clipping, AdamW, schedule
+    log      -> metrics.jsonl, held-out evaluation, checkpoint
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rebelrl.logprobs import completion_logprobs, rollout_logprobs
+from rebelrl.losses import rebel_loss
+from rebelrl.rollout import SamplingParams
+from rebelrl.train.config import TrainConfig
+from rebelrl.algos.run import Run
+from rebelrl.types import PairBatch, Rollout
+
+
+def make_pairs(scores: torch.Tensor, group_size: int, pairing: str) -> torch.Tensor:
+    """Rows of a prompt-major rollout that form each pair.
+
+    Args:
+        scores: (N,) task scores, N = B * k.
+        pairing: ``best_worst`` (one pair per prompt: highest vs lowest score; ties resolve to the
+            first maximum and the last minimum, so the two rows always differ) or ``adjacent``
+            (completions (0, 1), (2, 3), ... of each prompt).
+
+    Returns:
+        (P, 2) long tensor of row indices.
+    """
+    k = group_size
+    groups = scores.view(-1, k)  # (B, k)
+    base = torch.arange(groups.shape[0])[:, None] * k  # (B, 1)
+    if k == 2:
+        return base + torch.tensor([[0, 1]])
+    if pairing == "best_worst":
+        best = groups.argmax(dim=1)  # first maximum
+        worst = k - 1 - groups.flip(dims=[1]).argmin(dim=1)  # last minimum
+        return base + torch.stack([best, worst], dim=1)
+    if pairing == "adjacent":
+        return (base[:, :, None] + torch.arange(k).view(1, k // 2, 2)).view(-1, 2)
+    raise ValueError(f"unknown pairing {pairing!r}")
+
+
+@dataclass
+class Collected:
+    rollout: Rollout
+    pairs: PairBatch
+    metrics: dict[str, float]
+
+
+def collect(run: Run, prompts) -> Collected:
+    """Sample, score, compute log pi_t and log pi_ref, and form pairs (no gradients)."""
+    cfg: TrainConfig = run.cfg
+    params = run.sampling
+    t0 = time.perf_counter()
+    rollout = run.generator.generate(prompts, cfg.rollout.samples_per_prompt, params)
+    t1 = time.perf_counter()
+    scores = run.score(rollout)  # (N,)
+    t2 = time.perf_counter()
+    old_tok = rollout_logprobs(run.policy, rollout, params.logprob_temperature, cfg.rebel.micro_batch_size * 2)  # (N, T)
+    ref_tok = rollout_logprobs(run.ref, rollout, params.logprob_temperature, cfg.rebel.micro_batch_size * 2)  # (N, T)
+    t3 = time.perf_counter()
+    old_logps, ref_logps = old_tok.sum(1), ref_tok.sum(1)  # (N,)
+    kl = old_logps - ref_logps  # (N,) log pi_t(y|x) - log pi_ref(y|x)
+    rewards = scores - cfg.rebel.kl_coef * kl
+    index = make_pairs(scores, cfg.rollout.samples_per_prompt, cfg.rollout.pairing)  # (B, 2)
+    pairs = PairBatch(index=index, rewards=rewards[index], scores=scores[index], old_logps=old_logps[index], ref_logps=ref_logps[index])
+    mask = rollout.completion_mask.bool()
+    metrics = {
+        "score_mean": scores.mean().item(),
+        "score_std": scores.std().item(),
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item(),
+        "kl_to_ref": kl.mean().item(),
+        "response_length": rollout.completion_lengths.float().mean().item(),
+        "frac_no_eos": (~rollout.finished).float().mean().item(),
+        "pair_score_gap": (pairs.scores[:, 0] - pairs.scores[:, 1]).abs().mean().item(),
+        # pi_theta must equal pi_t before the first step, or the regression target is biased.
+        "logp_mismatch_max": (old_tok - rollout.sample_logps)[mask].abs().max().item() if mask.any() else 0.0,
+        "time/rollout": t1 - t0,
+        "time/score": t2 - t1,
+        "time/logprobs": t3 - t2,
+    }
+    return Collected(rollout, pairs, metrics)
+
+
+def update(run: Run, batch: Collected) -> dict[str, float]:
+    """``epochs`` passes over the pairs in shuffled minibatches; one optimizer step per minibatch."""
+    cfg = run.cfg.rebel
+    rollout, pairs = batch.rollout, batch.pairs
+    temperature = run.sampling.logprob_temperature
+    losses, grad_norms, fit = [], [], []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(pairs))
+        for start in range(0, len(pairs), cfg.minibatch_size):
+            minibatch = order[start : start + cfg.minibatch_size]
+            run.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for m0 in range(0, len(minibatch), cfg.micro_batch_size):
+                micro = minibatch[m0 : m0 + cfg.micro_batch_size]  # (m,)
+                rows = pairs.index[micro].reshape(-1)  # (2m,) pair-major: row 2j is y, 2j+1 is y'
+                logps = completion_logprobs(
+                    run.policy,
+                    rollout.prompt_ids[rows],
+                    rollout.prompt_mask[rows],
+                    rollout.completion_ids[rows],
+                    rollout.completion_mask[rows],
+                    temperature,
+                ).sum(1).view(-1, 2)  # (m, 2)
+                loss, metrics = rebel_loss(logps, pairs.old_logps[micro], pairs.rewards[micro], cfg.eta)
+                # Weight by the micro-batch's share so accumulated gradients equal the minibatch mean.
+                (loss * len(micro) / len(minibatch)).backward()
+                total += loss.item() * len(micro) / len(minibatch)
+                fit.append(metrics["rebel/residual_abs"])
+            grad_norms.append(run.clip_and_step())
+            losses.append(total)
+    return {
+        "loss": sum(losses) / len(losses),
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "rebel/residual_abs": sum(fit) / len(fit),
+        "lr": run.scheduler.get_last_lr()[0],
+    }
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Run REBEL as configured; returns the final summary (also printed and written to report.md)."""
+    run = Run.start(cfg, steps_per_iteration=cfg.rebel.epochs * math.ceil(cfg.pairs_per_iter / cfg.rebel.minibatch_size))
+    for iteration in run.progress():
+        t0 = time.perf_counter()
+        batch = collect(run, run.prompts_for(iteration))
+        t1 = time.perf_counter()
+        metrics = update(run, batch)
+        metrics.update(batch.metrics)
+        metrics["time/train"] = time.perf_counter() - t1
+        metrics["time/total"] = time.perf_counter() - t0
+        run.end_iteration(iteration, metrics)
+    return run.finish()
+
+
+__all__ = ["train", "collect", "update", "make_pairs", "SamplingParams"]

@@ -1,0 +1,255 @@
+"""What every online training loop shares: the run directory, models, data order, evaluation,
+checkpoints and resume. An algorithm's loop owns only collect -> loss -> step; it calls into ``Run``
+for the rest, so the loop itself stays readable top to bottom.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rebelrl.config import to_yaml
+from rebelrl.envs import Task, build_task
+from rebelrl.eval import evaluate, load_sample_scores, save_samples, score_rollout, write_report
+from rebelrl.models import AdapterDisabled, apply_lora, load_causal_lm, load_tokenizer
+from rebelrl.rewards import RewardFn, load_reward
+from rebelrl.rollout import HFGenerator, SamplingParams
+from rebelrl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state, write_atomic
+from rebelrl.train.config import TrainConfig
+from rebelrl.train.metrics import JsonlLogger
+from rebelrl.train.optim import make_optimizer, make_schedule
+
+INITIAL_SAMPLES = "eval_initial.jsonl"
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    run_dir: Path
+    task: Task
+    reward_fn: RewardFn
+    reward_name: str
+    tokenizer: object
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    generator: HFGenerator
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampling: SamplingParams
+    eval_sampling: SamplingParams
+    start_iteration: int = 0
+    metrics_log: JsonlLogger = None
+    eval_log: JsonlLogger = None
+    baseline_scores: torch.Tensor | None = None
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    _bar: object = None
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, steps_per_iteration: int) -> Run:
+        """Validate everything cheap first (run dir, prompts, reward), then load models and resume."""
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        run_dir = Path(cfg.run_dir)
+        checkpoint = _check_run_dir(run_dir, cfg.resume)
+        task = build_task(cfg.task)
+        reward_name = cfg.reward.fn or task.reward
+        if reward_name is None:
+            raise ValueError(f"task {cfg.task.name!r} has no default reward: set reward.fn (a built-in name or module:function)")
+        reward_fn = load_reward(reward_name, cfg.reward.kwargs)
+        _seed_everything(cfg.seed)
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        print(f"rebelrl: resolved config ({run_dir / 'config.yaml'})\n{to_yaml(cfg)}", file=sys.stderr)
+
+        tokenizer = load_tokenizer(cfg.model.name)
+        policy, ref = _load_models(cfg, checkpoint)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        policy.to(device)
+        ref.to(device)
+        optimizer = make_optimizer(policy.parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+        scheduler = make_schedule(optimizer, cfg.optim.schedule, cfg.iterations * steps_per_iteration, cfg.optim.warmup_steps)
+        r = cfg.rollout
+        sampling = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens)
+        eval_temperature = cfg.eval.temperature if cfg.eval.temperature is not None else r.temperature
+        eval_sampling = SamplingParams(eval_temperature, r.top_p, r.top_k, cfg.eval.max_new_tokens or r.max_new_tokens)
+        run = cls(
+            cfg=cfg, run_dir=run_dir, task=task, reward_fn=reward_fn, reward_name=reward_name, tokenizer=tokenizer,
+            policy=policy, ref=ref, generator=HFGenerator(policy, tokenizer, r.batch_size), optimizer=optimizer,
+            scheduler=scheduler, sampling=sampling, eval_sampling=eval_sampling,
+            metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
+        )
+        if checkpoint is not None:
+            run._restore(checkpoint)
+        else:
+            run.run_eval(0)
+        return run
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.start_iteration = state["iteration"]
+        self.metrics_log.rewind(self.start_iteration)
+        self.eval_log.rewind(self.start_iteration)
+        self.baseline_scores = load_sample_scores(self.run_dir / INITIAL_SAMPLES)
+        from rebelrl.eval import read_jsonl
+
+        self.history = read_jsonl(self.metrics_log.path)
+        self.evals = read_jsonl(self.eval_log.path)
+        print(f"rebelrl: resumed from {checkpoint} (iteration {self.start_iteration})", file=sys.stderr)
+
+    # --- per iteration -------------------------------------------------------------------------
+
+    def progress(self):
+        """Iterations still to run, with a progress bar (iterations, ETA, last reward and KL)."""
+        self._bar = tqdm(
+            range(self.start_iteration + 1, self.cfg.iterations + 1),
+            initial=self.start_iteration, total=self.cfg.iterations, desc="rebelrl", unit="it", dynamic_ncols=True,
+        )
+        return self._bar
+
+    def prompts_for(self, iteration: int):
+        """The prompts of ``iteration`` (1-based): consecutive slices of an endless stream of epochs,
+        each epoch a permutation seeded by (seed, epoch). A function of the iteration alone, so a
+        resumed run reads exactly the prompts the uninterrupted one would have."""
+        n, train = self.cfg.rollout.prompts_per_iter, self.task.train
+        out = []
+        for pos in range((iteration - 1) * n, iteration * n):
+            epoch, i = divmod(pos, len(train))
+            out.append(train[_epoch_order(len(train), self.cfg.seed, epoch)[i]])
+        return out
+
+    def score(self, rollout) -> torch.Tensor:
+        return score_rollout(self.reward_fn, rollout, self.cfg.reward.no_eos_penalty, self.reward_name)
+
+    def clip_and_step(self) -> float:
+        """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        max_norm = self.cfg.optim.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        return norm
+
+    def end_iteration(self, iteration: int, metrics: dict) -> None:
+        record = {"iteration": iteration, **metrics}
+        self.metrics_log.log(record)
+        self.history.append(record)
+        if self._bar is not None:
+            self._bar.set_postfix(reward=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_to_ref']:.2f}", refresh=False)
+        last = iteration == self.cfg.iterations
+        if last or (self.cfg.eval.every and iteration % self.cfg.eval.every == 0):
+            self.run_eval(iteration)
+        if last or (self.cfg.checkpoint.every and iteration % self.cfg.checkpoint.every == 0):
+            self.save(iteration)
+
+    def run_eval(self, iteration: int) -> dict:
+        t0 = time.perf_counter()
+        metrics, rollout, scores = evaluate(
+            self.generator, self.ref, self.task.eval, self.reward_fn, self.eval_sampling, self.cfg.eval.seed,
+            self.cfg.reward.no_eos_penalty, self.baseline_scores, batch_size=self.cfg.rebel.micro_batch_size * 2,
+        )
+        if self.baseline_scores is None:  # the initial policy: every later evaluation is compared with it
+            self.baseline_scores = scores
+            metrics["win_rate_vs_initial"] = 0.5
+            save_samples(self.run_dir / INITIAL_SAMPLES, rollout, scores)
+        save_samples(self.run_dir / "eval_samples_latest.jsonl", rollout, scores)
+        record = {"iteration": iteration, **metrics, "time/eval": time.perf_counter() - t0}
+        self.eval_log.log(record)
+        self.evals.append(record)
+        msg = f"eval @ {iteration}: reward {metrics['reward_mean']:.3f}  win rate vs initial {metrics['win_rate_vs_initial']:.3f}  KL {metrics['kl_to_ref']:.3f}"
+        (self._bar.write if self._bar is not None else print)(msg)
+        return record
+
+    def save(self, iteration: int) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        save_checkpoint(self.run_dir, iteration, self.policy, self.tokenizer, state, self.cfg.checkpoint.keep_last)
+
+    def finish(self) -> dict:
+        if self._bar is not None:
+            self._bar.close()
+        report = write_report(self.run_dir, title=f"REBEL on {self.task.name} ({self.cfg.model.name})")
+        first, last = self.evals[0], self.evals[-1]
+        summary = {
+            "initial_reward": first["reward_mean"],
+            "final_reward": last["reward_mean"],
+            "final_win_rate_vs_initial": last["win_rate_vs_initial"],
+            "final_kl_to_ref": last["kl_to_ref"],
+            "iterations": self.cfg.iterations,
+        }
+        print(
+            f"\nheld-out reward ({self.reward_name}, {first['n_prompts']} prompts): "
+            f"{summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} "
+            f"({summary['final_reward'] - summary['initial_reward']:+.3f})\n"
+            f"win rate vs initial policy: {summary['final_win_rate_vs_initial']:.3f}   "
+            f"KL to reference: {summary['final_kl_to_ref']:.3f} nats\n"
+            f"report: {report}"
+        )
+        return summary
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to write over a finished or running run's outputs."""
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None and (run_dir / "metrics.jsonl").exists():
+            raise RunDirError(f"{run_dir}: resume asked but there is no complete checkpoint to resume from")
+        return checkpoint
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+        raise RunDirError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another run_dir")
+    return None
+
+
+def _load_models(cfg: TrainConfig, checkpoint: Path | None):
+    m = cfg.model
+    if m.lora_r > 0:
+        base = load_causal_lm(m.name, m.dtype, cfg.seed)
+        if checkpoint is not None:
+            from peft import PeftModel
+
+            policy = PeftModel.from_pretrained(base, checkpoint / "model", is_trainable=True)
+        else:
+            policy = apply_lora(base, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+        ref = load_causal_lm(m.ref_name, m.dtype, cfg.seed) if m.ref_name else AdapterDisabled(policy)
+    else:
+        policy = load_causal_lm(str(checkpoint / "model") if checkpoint else m.name, m.dtype, cfg.seed)
+        ref = load_causal_lm(m.ref_name or m.name, m.dtype, cfg.seed)
+    # Dropout stays off while training too: the policy that is regressed must be the one that sampled.
+    policy.eval()
+    ref.eval()
+    ref.requires_grad_(False)
+    return policy, ref
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+_ORDERS: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _ORDERS:
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        _ORDERS[key] = order
+    return _ORDERS[key]

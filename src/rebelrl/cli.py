@@ -1,0 +1,131 @@
+"""``rebelrl train|eval|generate CONFIG.yaml key.sub=value ...``
+
+Each command reads one YAML file (optional for eval and generate) plus dotted overrides, prints the
+resolved config and refuses unknown keys or wrong types before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rebelrl.config import ConfigError, describe, load_config, to_yaml
+from rebelrl.train.config import EvalCommandConfig, GenerateConfig, TrainConfig
+
+COMMANDS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rebelrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls in COMMANDS.items():
+        p = sub.add_parser(name, help=f"{name} (config: {cls.__name__})")
+        p.add_argument("args", nargs="*", help="[CONFIG.yaml] key.sub=value ...")
+        p.add_argument("--fields", action="store_true", help="list every config field with its default and help")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
+    ns = parser.parse_args(argv)
+    cls = COMMANDS[ns.command]
+    if ns.fields:
+        for key, tp, default, help_ in describe(cls):
+            print(f"{key:32s} {tp:18s} {default:22s} {help_}")
+        return 0
+    path = ns.args[0] if ns.args and "=" not in ns.args[0] else None
+    overrides = ns.args[1:] if path else ns.args
+    if getattr(ns, "resume", False):
+        overrides = [*overrides, "resume=true"]
+    try:
+        cfg = load_config(cls, path, overrides)
+    except ConfigError as e:
+        print(f"rebelrl {ns.command}: config error: {e}", file=sys.stderr)
+        return 2
+    _quiet_libraries()
+    return {"train": _train, "eval": _eval, "generate": _generate}[ns.command](cfg)
+
+
+def _train(cfg: TrainConfig) -> int:
+    from rebelrl.algos import rebel
+
+    rebel.train(cfg)
+    return 0
+
+
+def _eval(cfg: EvalCommandConfig) -> int:
+    from rebelrl.envs import build_task
+    from rebelrl.eval import evaluate, save_samples
+    from rebelrl.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+    from rebelrl.rewards import load_reward
+    from rebelrl.rollout import HFGenerator, SamplingParams
+
+    print(to_yaml(cfg), file=sys.stderr)
+    task = build_task(cfg.task)
+    reward_name = cfg.reward.fn or task.reward
+    if reward_name is None:
+        raise SystemExit("rebelrl eval: this task has no default reward: set reward.fn")
+    reward_fn = load_reward(reward_name, cfg.reward.kwargs)
+    baseline_name = cfg.baseline or DEFAULT_MODEL
+    tokenizer = load_tokenizer(baseline_name)
+    baseline = load_causal_lm(baseline_name, cfg.dtype)
+    model = load_causal_lm(cfg.model, cfg.dtype)
+    params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    base_metrics, _, base_scores = evaluate(
+        HFGenerator(baseline, tokenizer, cfg.batch_size), baseline, task.eval, reward_fn, params, cfg.seed, cfg.reward.no_eos_penalty
+    )
+    metrics, rollout, scores = evaluate(
+        HFGenerator(model, tokenizer, cfg.batch_size), baseline, task.eval, reward_fn, params, cfg.seed,
+        cfg.reward.no_eos_penalty, baseline_scores=base_scores,
+    )
+    if cfg.output:
+        save_samples(cfg.output, rollout, scores)
+    result = {"model": cfg.model, "baseline": baseline_name, "baseline_reward_mean": base_metrics["reward_mean"], **metrics}
+    result["kl_to_baseline"] = result.pop("kl_to_ref")
+    result["win_rate_vs_baseline"] = result.pop("win_rate_vs_initial")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _generate(cfg: GenerateConfig) -> int:
+    import torch
+
+    from rebelrl.data import load_prompts
+    from rebelrl.models import load_causal_lm, load_tokenizer
+    from rebelrl.rollout import HFGenerator, SamplingParams
+    from rebelrl.types import Conversation
+
+    if (cfg.prompts is None) == (cfg.prompt is None):
+        raise SystemExit("rebelrl generate: give exactly one of prompts=FILE or prompt='text'")
+    prompts = (
+        load_prompts(cfg.prompts, system_prompt=cfg.system_prompt)
+        if cfg.prompts
+        else [Conversation.from_prompt(cfg.prompt, system=cfg.system_prompt)]
+    )
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens)
+    rollout = HFGenerator(model, tokenizer, cfg.batch_size).generate(prompts, cfg.n, params)
+    rows = [
+        {"prompt": conv.messages[-2].content, "completion": conv.last_assistant, "finished": done}
+        for conv, done in zip(rollout.conversations, rollout.finished.tolist())
+    ]
+    out = open(cfg.output, "w") if cfg.output else sys.stdout
+    try:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if cfg.output:
+            out.close()
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Weight-loading bars from transformers would bury the training progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

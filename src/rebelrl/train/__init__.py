@@ -1,0 +1,1 @@
+"""Shared training plumbing: configs, optimizer and schedule, checkpoints, metrics, progress."""

@@ -1,0 +1,77 @@
+"""Checkpoints that survive a kill: written to a temporary folder, then renamed into place.
+
+Layout: ``run_dir/checkpoints/iter-000010/{model/, trainer_state.pt}`` plus ``checkpoints/latest``
+naming the newest complete one. ``model/`` is a Hugging Face folder (safetensors) that
+``from_pretrained`` loads directly; ``trainer_state.pt`` holds the optimizer, the schedule, every RNG
+and the loop position, which is what makes a resumed run repeat the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(run_dir, iteration: int, model, tokenizer, trainer_state: dict, keep_last: int = 2) -> Path:
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"iter-{iteration:06d}"
+    tmp = root / f".tmp-iter-{iteration:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "model")
+    torch.save({**trainer_state, "iteration": iteration, "rng": rng_state()}, tmp / "trainer_state.pt")
+    if final.exists():  # the same iteration saved before a kill: replace it only once the new one is whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_atomic(root / LATEST, final.name + "\n")
+    for old in sorted(root.glob("iter-*"))[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest complete checkpoint (temporary folders from a killed save are ignored)."""
+    root = checkpoint_root(run_dir)
+    pointer = root / LATEST
+    if pointer.exists():
+        path = root / pointer.read_text().strip()
+        if (path / "trainer_state.pt").exists():
+            return path
+    complete = [p for p in sorted(root.glob("iter-*")) if (p / "trainer_state.pt").exists()]
+    return complete[-1] if complete else None
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    # Our own file, holding numpy RNG state and python objects, hence weights_only=False.
+    return torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,159 @@
+"""The configs of ``rebelrl train``, ``rebelrl eval`` and ``rebelrl generate``.
+
+Names follow the papers: ``eta`` (REBEL step size), ``kl_coef`` (penalty on log pi_t - log pi_ref).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rebelrl.config import field
+from rebelrl.models import DEFAULT_MODEL
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(DEFAULT_MODEL, "policy: a built-in alias (smollm2-135m-instruct, tiny-random), a local folder or a hub id")
+    ref_name: str | None = field(None, "reference model; null = the policy's starting weights")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "parameter dtype")
+    lora_r: int = field(0, "LoRA rank; 0 trains all weights. With LoRA the reference is the model with the adapter off")
+    lora_alpha: float = field(16.0, "LoRA alpha")
+    lora_dropout: float = field(0.0, "LoRA dropout (keep 0: the sampler and the learner must be the same function)")
+    lora_target_modules: str = field("all-linear", "LoRA target modules (a PEFT spec)")
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["chitchat-warm", "reasoning-gym", "prompts"] = field(
+        "chitchat-warm",
+        "chitchat-warm: reply warmly to opening lines of real chats (VADER reward); reasoning-gym: a "
+        "reasoning-gym dataset with its answer checker; prompts: your own prompt file",
+    )
+    prompts: str | None = field(None, "task=prompts: training prompts (.jsonl, .parquet, a saved datasets folder, or hf:NAME[:SPLIT])")
+    eval_prompts: str | None = field(None, "task=prompts: held-out prompts; null = split n_eval rows off the training prompts")
+    prompt_field: str = field("prompt", "column holding the prompt text")
+    messages_field: str = field("messages", "column holding a chat as a list of {role, content} (used when the prompt column is absent)")
+    system_prompt: str | None = field(None, "system message put before every prompt that has none (null = the task's default)")
+    dataset: str = field("basic_arithmetic", "task=reasoning-gym: the reasoning-gym dataset name")
+    n_train: int = field(2000, "number of training prompts (at most)")
+    n_eval: int = field(64, "number of held-out prompts for evaluation")
+
+
+@dataclass
+class RewardConfig:
+    fn: str | None = field(None, "reward: a built-in name (vader, reasoning_gym) or an import path module:function; null = the task's reward")
+    kwargs: dict = field({}, "if non-empty, fn is a factory called with these keyword arguments to build the reward")
+    no_eos_penalty: float | None = field(-1.0, "score given to a completion that never emitted EOS; null keeps its score")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_iter: int = field(32, "prompts sampled per iteration")
+    samples_per_prompt: int = field(2, "completions sampled per prompt (k); REBEL needs k >= 2")
+    pairing: Literal["best_worst", "adjacent"] = field(
+        "best_worst", "k > 2: best_worst pairs the highest- with the lowest-reward completion of each prompt; adjacent pairs (0,1), (2,3), ..."
+    )
+    temperature: float = field(0.7, "sampling temperature (also divides the logits in every log-prob)")
+    top_p: float = field(1.0, "nucleus sampling; 1 disables")
+    top_k: int = field(0, "top-k sampling; 0 disables")
+    max_new_tokens: int = field(48, "token budget per completion")
+    batch_size: int = field(32, "prompts per generate call")
+
+
+@dataclass
+class RebelConfig:
+    eta: float = field(1.0, "REBEL step size: target log-ratio difference per unit of reward difference")
+    kl_coef: float = field(0.05, "reward -= kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), per sequence")
+    epochs: int = field(4, "passes over each iteration's pairs")
+    minibatch_size: int = field(8, "pairs per optimizer step")
+    micro_batch_size: int = field(8, "pairs per forward/backward (gradient accumulation = minibatch / micro)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(3e-6, "AdamW learning rate")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    betas: list[float] = field([0.9, 0.999], "AdamW betas")
+    schedule: Literal["constant", "linear", "cosine"] = field("linear", "learning-rate decay over all optimizer steps")
+    warmup_steps: int = field(0, "linear warm-up steps")
+    max_grad_norm: float = field(1.0, "gradient clipping by global norm; 0 disables")
+
+
+@dataclass
+class EvalConfig:
+    every: int = field(5, "evaluate on the held-out prompts every N iterations (and before training and at the end); 0 = only before and after")
+    temperature: float | None = field(None, "sampling temperature for evaluation; null = the rollout temperature")
+    max_new_tokens: int | None = field(None, "null = the rollout budget")
+    seed: int = field(1234, "evaluation sampling seed: the same prompts and noise at every evaluation")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = field(5, "save a checkpoint every N iterations (and at the end); 0 = only at the end")
+    keep_last: int = field(2, "checkpoints kept (older ones are deleted after a newer one is complete)")
+
+
+@dataclass
+class TrainConfig:
+    algo: Literal["rebel"] = field("rebel", "training algorithm")
+    run_dir: str = field("runs/rebel", "output folder: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, report.md, plots/")
+    iterations: int = field(10, "collect -> score -> update rounds")
+    seed: int = field(0, "seed for sampling, data order and initialisation")
+    resume: bool = field(False, "continue from the last checkpoint in run_dir")
+    threads: int | None = field(None, "CPU threads for torch; null = torch's default")
+    model: ModelConfig = field(ModelConfig())
+    task: TaskConfig = field(TaskConfig())
+    reward: RewardConfig = field(RewardConfig())
+    rollout: RolloutConfig = field(RolloutConfig())
+    rebel: RebelConfig = field(RebelConfig())
+    optim: OptimConfig = field(OptimConfig())
+    eval: EvalConfig = field(EvalConfig())
+    checkpoint: CheckpointConfig = field(CheckpointConfig())
+
+    def __post_init__(self) -> None:
+        if self.rollout.samples_per_prompt < 2:
+            raise ValueError("rollout.samples_per_prompt must be >= 2: REBEL regresses on pairs")
+        if self.rollout.pairing == "adjacent" and self.rollout.samples_per_prompt % 2:
+            raise ValueError("rollout.pairing=adjacent needs an even rollout.samples_per_prompt")
+        if self.rebel.minibatch_size % self.rebel.micro_batch_size:
+            raise ValueError("rebel.minibatch_size must be a multiple of rebel.micro_batch_size")
+        if self.iterations < 1 or self.rebel.epochs < 1:
+            raise ValueError("iterations and rebel.epochs must be >= 1")
+
+    @property
+    def pairs_per_iter(self) -> int:
+        k = self.rollout.samples_per_prompt
+        per_prompt = 1 if self.rollout.pairing == "best_worst" else k // 2
+        return self.rollout.prompts_per_iter * per_prompt
+
+
+@dataclass
+class EvalCommandConfig:
+    model: str = field(DEFAULT_MODEL, "model to evaluate (alias, folder, hub id, or a run's checkpoints/iter-N/model)")
+    baseline: str | None = field(None, "model whose completions it is compared against; null = the task's model.name default")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "parameter dtype")
+    task: TaskConfig = field(TaskConfig())
+    reward: RewardConfig = field(RewardConfig())
+    temperature: float = field(0.7, "sampling temperature")
+    max_new_tokens: int = field(48, "token budget per completion")
+    batch_size: int = field(32, "prompts per generate call")
+    seed: int = field(1234, "sampling seed")
+    output: str | None = field(None, "write per-prompt completions and scores to this JSONL file")
+
+
+@dataclass
+class GenerateConfig:
+    model: str = field(DEFAULT_MODEL, "model (alias, folder, hub id)")
+    prompts: str | None = field(None, "prompt file (.jsonl/.parquet/datasets folder/hf:NAME); null = use `prompt`")
+    prompt: str | None = field(None, "a single prompt")
+    system_prompt: str | None = field(None, "system message for every prompt")
+    n: int = field(1, "completions per prompt")
+    temperature: float = field(0.7, "sampling temperature; 0 = greedy")
+    top_p: float = field(1.0, "nucleus sampling")
+    top_k: int = field(0, "top-k sampling; 0 disables")
+    max_new_tokens: int = field(64, "token budget per completion")
+    batch_size: int = field(16, "prompts per generate call")
+    seed: int = field(0, "sampling seed")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "parameter dtype")
+    output: str | None = field(None, "write completions to this JSONL file instead of printing them")

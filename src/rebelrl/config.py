@@ -69,7 +69,7 @@ def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
+            f"unknown config key {prefix + unknown[0]!r}" + (f" (and {[prefix + u for u in unknown[1:]]})" if unknown[1:] else "")
             + f"; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(fields))}"
         )
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}

@@ -66,15 +66,15 @@ def collect(run: Run, prompts) -> Collected:
     t1 = time.perf_counter()
     scores = run.score(rollout)  # (N,)
     t2 = time.perf_counter()
-    old_tok = rollout_logprobs(run.policy, rollout, params.logprob_temperature, cfg.rebel.micro_batch_size * 2)  # (N, T)
-    ref_tok = rollout_logprobs(run.ref, rollout, params.logprob_temperature, cfg.rebel.micro_batch_size * 2)  # (N, T)
+    # log pi_t comes from sampling time (the training forward reproduces it; ``update`` measures how
+    # closely on its first minibatch), so only the reference needs a forward pass here.
+    old_logps = rollout.sample_logps.sum(1)  # (N,)
+    ref_logps = rollout_logprobs(run.ref, rollout, params.logprob_temperature, cfg.rebel.micro_batch_size * 2).sum(1)  # (N,)
     t3 = time.perf_counter()
-    old_logps, ref_logps = old_tok.sum(1), ref_tok.sum(1)  # (N,)
     kl = old_logps - ref_logps  # (N,) log pi_t(y|x) - log pi_ref(y|x)
     rewards = scores - cfg.rebel.kl_coef * kl
     index = make_pairs(scores, cfg.rollout.samples_per_prompt, cfg.rollout.pairing)  # (B, 2)
     pairs = PairBatch(index=index, rewards=rewards[index], scores=scores[index], old_logps=old_logps[index], ref_logps=ref_logps[index])
-    mask = rollout.completion_mask.bool()
     metrics = {
         "score_mean": scores.mean().item(),
         "score_std": scores.std().item(),
@@ -84,8 +84,6 @@ def collect(run: Run, prompts) -> Collected:
         "response_length": rollout.completion_lengths.float().mean().item(),
         "frac_no_eos": (~rollout.finished).float().mean().item(),
         "pair_score_gap": (pairs.scores[:, 0] - pairs.scores[:, 1]).abs().mean().item(),
-        # pi_theta must equal pi_t before the first step, or the regression target is biased.
-        "logp_mismatch_max": (old_tok - rollout.sample_logps)[mask].abs().max().item() if mask.any() else 0.0,
         "time/rollout": t1 - t0,
         "time/score": t2 - t1,
         "time/logprobs": t3 - t2,
@@ -98,7 +96,7 @@ def update(run: Run, batch: Collected) -> dict[str, float]:
     cfg = run.cfg.rebel
     rollout, pairs = batch.rollout, batch.pairs
     temperature = run.sampling.logprob_temperature
-    losses, grad_norms, fit = [], [], []
+    losses, grad_norms, fit, mismatch = [], [], [], None
     for _ in range(cfg.epochs):
         order = torch.randperm(len(pairs))
         for start in range(0, len(pairs), cfg.minibatch_size):
@@ -116,6 +114,10 @@ def update(run: Run, batch: Collected) -> dict[str, float]:
                     rollout.completion_mask[rows],
                     temperature,
                 ).sum(1).view(-1, 2)  # (m, 2)
+                if not grad_norms:
+                    # Before the first step pi_theta must equal pi_t, or the regression target is biased.
+                    gap = (logps.detach() - pairs.old_logps[micro]).abs().max().item()
+                    mismatch = gap if mismatch is None else max(mismatch, gap)
                 loss, metrics = rebel_loss(logps, pairs.old_logps[micro], pairs.rewards[micro], cfg.eta)
                 # Weight by the micro-batch's share so accumulated gradients equal the minibatch mean.
                 (loss * len(micro) / len(minibatch)).backward()
@@ -128,6 +130,7 @@ def update(run: Run, batch: Collected) -> dict[str, float]:
         "grad_norm": sum(grad_norms) / len(grad_norms),
         "rebel/residual_abs": sum(fit) / len(fit),
         "lr": run.scheduler.get_last_lr()[0],
+        "logp_mismatch_max": mismatch,
     }
 
 

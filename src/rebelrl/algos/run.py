@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from rebelrl.config import to_yaml
 from rebelrl.envs import Task, build_task
-from rebelrl.eval import evaluate, load_sample_scores, save_samples, score_rollout, write_report
+from rebelrl.eval import evaluate, load_sample_scores, read_jsonl, save_samples, score_rollout, write_report
 from rebelrl.models import AdapterDisabled, apply_lora, load_causal_lm, load_tokenizer
 from rebelrl.rewards import RewardFn, load_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
@@ -108,8 +108,6 @@ class Run:
         self.metrics_log.rewind(self.start_iteration)
         self.eval_log.rewind(self.start_iteration)
         self.baseline_scores = load_sample_scores(self.run_dir / INITIAL_SAMPLES)
-        from rebelrl.eval import read_jsonl
-
         self.history = read_jsonl(self.metrics_log.path)
         self.evals = read_jsonl(self.eval_log.path)
         print(f"rebelrl: resumed from {checkpoint} (iteration {self.start_iteration})", file=sys.stderr)

@@ -18,7 +18,6 @@ import torch
 
 from rebelrl.logprobs import completion_logprobs, rollout_logprobs
 from rebelrl.losses import rebel_loss
-from rebelrl.rollout import SamplingParams
 from rebelrl.train.config import TrainConfig
 from rebelrl.algos.run import Run
 from rebelrl.types import PairBatch, Rollout
@@ -149,4 +148,4 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     return run.finish()
 
 
-__all__ = ["train", "collect", "update", "make_pairs", "SamplingParams"]
+__all__ = ["train", "collect", "update", "make_pairs"]

@@ -1,5 +1,30 @@
-"""Where prompts come from: built-in tasks and the user's own prompt files."""
+"""Where prompts and dialogues come from: built-in tasks, environments and simulated users."""
 
+from rebelrl.envs.base import (
+    Env,
+    StepResult,
+    UserEnv,
+    UserSimulator,
+    UserSimulatorError,
+    count_assistant_turns,
+    load_user_simulator,
+)
+from rebelrl.envs.secret import CATALOG, ScriptedSecretUser, SecretEnv, secret_guessed_at, secret_reward
 from rebelrl.envs.tasks import Task, build_task
 
-__all__ = ["Task", "build_task"]
+__all__ = [
+    "CATALOG",
+    "Env",
+    "ScriptedSecretUser",
+    "SecretEnv",
+    "StepResult",
+    "Task",
+    "UserEnv",
+    "UserSimulator",
+    "UserSimulatorError",
+    "build_task",
+    "count_assistant_turns",
+    "load_user_simulator",
+    "secret_guessed_at",
+    "secret_reward",
+]

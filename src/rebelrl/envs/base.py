@@ -1,0 +1,216 @@
+"""Multi-turn environments: the ``Env`` and ``UserSimulator`` protocols and ``UserEnv``, which joins them.
+
+A dialogue alternates policy (assistant) and user turns. The policy side lives in ``rollout/``; an
+environment only says how a dialogue starts (``reset``) and what the user says next (``step``).
+Everything is batched, because an LM-backed user generates for the whole batch in one call, and
+in-process: conversations are immutable values passed and returned, never files or pickles.
+
+A dialogue of horizon ``H`` has at most ``H`` assistant turns (REFUEL, Gao et al. 2025, uses H=5).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
+
+from rebelrl.types import Conversation
+
+StartFn = Callable[[int, int], list[Conversation]]  # (n, seed) -> n starting conversations
+StopFn = Callable[[Conversation], bool]  # the task is over before the horizon (e.g. solved)
+ScoreFn = Callable[[list[Conversation]], list[float]]  # a reward function, see rebelrl.rewards
+
+ON_FAILURE = ("raise", "end")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The user's answer to one conversation. ``user_message`` is None exactly when ``done``."""
+
+    user_message: str | None
+    done: bool
+    reward: float | None = None  # terminal reward when the env knows it; None: a reward function judges later
+
+
+@runtime_checkable
+class UserSimulator(Protocol):
+    """Plays the user: the next user message for each transcript (each ends with an assistant message)."""
+
+    def respond(self, conversations: list[Conversation]) -> list[str]: ...
+
+
+@runtime_checkable
+class Env(Protocol):
+    """Where dialogues start and how the user answers.
+
+    ``reset(n, seed)`` gives ``n`` starting conversations (optional system message and the first user
+    message; hidden task data in ``meta``), the same ones for the same seed. ``step`` takes
+    conversations that end with the assistant's latest reply and returns one ``StepResult`` each,
+    without mutating them.
+    """
+
+    horizon: int  # H: the most assistant turns a dialogue may have
+
+    def reset(self, n: int, seed: int) -> list[Conversation]: ...
+
+    def step(self, conversations: list[Conversation]) -> list[StepResult]: ...
+
+
+class UserSimulatorError(RuntimeError):
+    """A user simulator kept returning unusable messages (wrong count, not a string, or blank)."""
+
+
+def count_assistant_turns(conversation: Conversation) -> int:
+    return sum(m.role == "assistant" for m in conversation.messages)
+
+
+class UserEnv:
+    """An ``Env`` from starting conversations, a ``UserSimulator`` and a horizon.
+
+    ``starts`` is a list of conversations (``reset`` shuffles it with the seed and cycles, so every
+    start is used once before any is used twice) or a function ``(n, seed) -> list[Conversation]``.
+    A dialogue is done once it has ``horizon`` assistant turns, or earlier when ``stop`` says so.
+    ``reward``, when given, scores each dialogue as it ends and fills ``StepResult.reward``.
+
+    The simulator's output is checked row by row. Rows with a bad reply (wrong count, not a string,
+    empty or blank) are asked again, alone, up to ``max_retries`` more times; then
+    ``on_failure="raise"`` raises ``UserSimulatorError`` naming the row and what came back, and
+    ``on_failure="end"`` ends that dialogue (done=True) so one bad row does not stop a whole run.
+    Exceptions raised by the simulator itself are not retried: they propagate as they are.
+    """
+
+    def __init__(
+        self,
+        starts: Sequence[Conversation] | StartFn,
+        user: UserSimulator,
+        horizon: int,
+        *,
+        stop: StopFn | None = None,
+        reward: ScoreFn | None = None,
+        max_retries: int = 2,
+        on_failure: str = "raise",
+    ):
+        if horizon < 1:
+            raise ValueError(f"horizon must be at least 1, got {horizon}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        if not callable(starts):
+            starts = list(starts)
+            if not starts:
+                raise ValueError("UserEnv needs at least one starting conversation")
+        if not callable(getattr(user, "respond", None)):
+            raise TypeError(f"user simulator {user!r} has no respond(conversations) method")
+        self.starts = starts
+        self.user = user
+        self.horizon = horizon
+        self.stop = stop
+        self.reward = reward
+        self.max_retries = max_retries
+        self.on_failure = on_failure
+
+    def reset(self, n: int, seed: int) -> list[Conversation]:
+        if n < 0:
+            raise ValueError(f"reset needs n >= 0, got {n}")
+        if callable(self.starts):
+            out = list(self.starts(n, seed))
+            if len(out) != n or not all(isinstance(c, Conversation) for c in out):
+                raise ValueError(f"start function returned {len(out)} items for n={n}, expected {n} Conversations")
+        else:
+            order = list(range(len(self.starts)))
+            random.Random(seed).shuffle(order)
+            out = [self.starts[order[i % len(order)]] for i in range(n)]
+        # Fresh meta dicts: the same start drawn twice must not share mutable task data.
+        return [replace(c, meta=dict(c.meta)) for c in out]
+
+    def step(self, conversations: list[Conversation]) -> list[StepResult]:
+        for i, c in enumerate(conversations):
+            if not c.messages or c.messages[-1].role != "assistant":
+                raise ValueError(f"step: conversation {i} must end with an assistant message")
+        ended = [
+            count_assistant_turns(c) >= self.horizon or (self.stop is not None and bool(self.stop(c)))
+            for c in conversations
+        ]
+        open_rows = [i for i, e in enumerate(ended) if not e]
+        replies = self._ask([conversations[i] for i in open_rows])
+        messages: list[str | None] = [None] * len(conversations)
+        for i, reply in zip(open_rows, replies):
+            messages[i] = reply
+            ended[i] = reply is None  # only with on_failure="end"
+        rewards: list[float | None] = [None] * len(conversations)
+        done_rows = [i for i, e in enumerate(ended) if e]
+        if self.reward is not None and done_rows:
+            for i, r in zip(done_rows, self.reward([conversations[i] for i in done_rows])):
+                rewards[i] = float(r)
+        return [StepResult(m, e, r) for m, e, r in zip(messages, ended, rewards)]
+
+    def _ask(self, conversations: list[Conversation]) -> list[str | None]:
+        """One reply per conversation; None for rows that failed every attempt (``on_failure="end"``)."""
+        replies: list[str | None] = [None] * len(conversations)
+        pending = list(range(len(conversations)))
+        problems: dict[int, str] = {}
+        for _ in range(1 + self.max_retries):
+            if not pending:
+                break
+            out = self.user.respond([conversations[i] for i in pending])
+            is_list = isinstance(out, Sequence) and not isinstance(out, (str, bytes))
+            if not is_list or len(out) != len(pending):
+                got = f"{len(out)} messages" if is_list else f"a {type(out).__name__}"
+                problems = {i: f"{got} for a batch of {len(pending)}" for i in pending}
+                continue
+            problems = {}
+            for i, reply in zip(pending, out):
+                if isinstance(reply, str) and reply.strip():
+                    replies[i] = reply
+                else:
+                    problems[i] = repr(reply)
+            pending = [i for i in pending if i in problems]
+        if problems and self.on_failure == "raise":
+            row = min(problems)
+            others = f" (and {len(problems) - 1} more rows)" if len(problems) > 1 else ""
+            raise UserSimulatorError(
+                f"user simulator {type(self.user).__name__} returned {problems[row]} for row {row}{others} "
+                f"after {1 + self.max_retries} attempts; expected a non-empty string per conversation"
+            )
+        return replies
+
+
+def import_object(spec: str, what: str) -> Any:
+    """The object named by ``"package.module:attr.sub"``; errors name ``what`` and the spec."""
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name.strip() or not attr_path.strip() or ":" in attr_path:
+        raise ValueError(f"{what} {spec!r}: expected an import path 'package.module:attr'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r}: {e}") from e
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {part!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_user_simulator(spec: str, kwargs: dict | None = None) -> UserSimulator:
+    """Build the user simulator named by ``spec`` (``"package.module:attr"``).
+
+    Like ``rebelrl.rewards.load_reward``: with non-empty ``kwargs`` the object is a factory called as
+    ``obj(**kwargs)``; a class is always instantiated; otherwise the object is the simulator itself.
+    Whatever comes out must have a ``respond`` method.
+    """
+    obj = import_object(spec, "user simulator")
+    if kwargs or inspect.isclass(obj):
+        if not callable(obj):
+            raise ValueError(f"user simulator {spec!r}: got kwargs {sorted(kwargs or {})} but {obj!r} is not callable")
+        try:
+            obj = obj(**(kwargs or {}))
+        except TypeError as e:
+            names = sorted(kwargs or {})
+            raise ValueError(f"user simulator {spec!r}: building it with kwargs {names} failed: {e}") from e
+    if not callable(getattr(obj, "respond", None)):
+        raise ValueError(f"user simulator {spec!r}: {type(obj).__name__} object has no respond(conversations) method")
+    return obj

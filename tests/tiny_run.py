@@ -8,6 +8,24 @@ from pathlib import Path
 PROMPTS = ["say hello", "write", "go on", "a b c", "tell me", "xyz", "why?", "ok", "more please", "now"] * 3
 
 RULE_MODULE = '''
+from rebelrl.envs import UserEnv
+from rebelrl.types import Conversation
+
+OPENINGS = ["hello", "talk to me", "what now?", "ok go", "tell me more", "and then?"]
+
+
+class GoOnUser:
+    def respond(self, conversations):
+        return ["go on" for _ in conversations]
+
+
+class TinyDialogueEnv(UserEnv):
+    """A user who always says "go on"; the reward looks only at the last reply."""
+
+    def __init__(self, horizon):
+        super().__init__([Conversation.from_prompt(t) for t in OPENINGS], GoOnUser(), horizon)
+
+
 def lowercase_fraction(conversations):
     """Share of the reply's characters that are lowercase letters: a rule a tiny model can learn."""
     out = []
@@ -52,3 +70,27 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def strip_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+REFUEL_ARGS = [
+    "algo=refuel",
+    "model.name=tiny-random",
+    "task.name=env",
+    "task.env=tiny_rules:TinyDialogueEnv",
+    "task.horizon=3",
+    "task.n_train=24",
+    "task.n_eval=6",
+    "reward.fn=tiny_rules:lowercase_fraction",
+    "reward.no_eos_penalty=null",
+    "rollout.prompts_per_iter=8",
+    "rollout.max_new_tokens=6",
+    "rebel.minibatch_size=4",
+    "rebel.micro_batch_size=4",
+    "rebel.epochs=2",
+    "rebel.eta=10",
+    "rebel.kl_coef=0.0",
+    "optim.lr=3e-3",
+    "optim.schedule=constant",
+    "eval.every=3",
+    "checkpoint.every=3",
+]

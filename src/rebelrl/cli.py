@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg: TrainConfig) -> int:
-    from rebelrl.algos import rebel
+    from rebelrl.algos import rebel, refuel
 
-    rebel.train(cfg)
+    {"rebel": rebel, "refuel": refuel}[cfg.algo].train(cfg)
     return 0
 
 

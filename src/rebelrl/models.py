@@ -218,6 +218,12 @@ def _find_smollm2_gguf() -> Path:
     return path
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    if isinstance(model, AdapterDisabled):
+        model = model.peft_model
+    return next(model.parameters()).device
+
+
 class AdapterDisabled(torch.nn.Module):
     """The reference of a LoRA policy: the same module called with its adapter switched off."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,9 @@ def make_pairs(scores: torch.Tensor, group_size: int, pairing: str) -> torch.Ten
     if pairing == "adjacent":
         return (base[:, :, None] + torch.arange(k).view(1, k // 2, 2)).view(-1, 2)
     raise ValueError(f"unknown pairing {pairing!r}")
+
+
+PairLoss = Callable[[torch.Tensor, PairBatch, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass
@@ -90,9 +94,20 @@ def collect(run: Run, prompts) -> Collected:
     return Collected(rollout, pairs, metrics)
 
 
-def update(run: Run, batch: Collected) -> dict[str, float]:
-    """``epochs`` passes over the pairs in shuffled minibatches; one optimizer step per minibatch."""
+def rebel_pair_loss(eta: float) -> PairLoss:
+    def loss_fn(logps: torch.Tensor, pairs: PairBatch, micro: torch.Tensor):
+        return rebel_loss(logps, pairs.old_logps[micro], pairs.rewards[micro], eta)
+
+    return loss_fn
+
+
+def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[str, float]:
+    """``epochs`` passes over the pairs in shuffled minibatches; one optimizer step per minibatch.
+
+    ``loss_fn(logps (m, 2), pairs, micro (m,)) -> (loss, metrics)`` is REBEL's regression unless given.
+    """
     cfg = run.cfg.rebel
+    loss_fn = loss_fn or rebel_pair_loss(cfg.eta)
     rollout, pairs = batch.rollout, batch.pairs
     temperature = run.sampling.logprob_temperature
     losses, grad_norms, fit, mismatch = [], [], [], None
@@ -117,17 +132,17 @@ def update(run: Run, batch: Collected) -> dict[str, float]:
                     # Before the first step pi_theta must equal pi_t, or the regression target is biased.
                     gap = (logps.detach() - pairs.old_logps[micro]).abs().max().item()
                     mismatch = gap if mismatch is None else max(mismatch, gap)
-                loss, metrics = rebel_loss(logps, pairs.old_logps[micro], pairs.rewards[micro], cfg.eta)
+                loss, metrics = loss_fn(logps, pairs, micro)
                 # Weight by the micro-batch's share so accumulated gradients equal the minibatch mean.
                 (loss * len(micro) / len(minibatch)).backward()
                 total += loss.item() * len(micro) / len(minibatch)
-                fit.append(metrics["rebel/residual_abs"])
+                fit.append(metrics)
             grad_norms.append(run.clip_and_step())
             losses.append(total)
     return {
         "loss": sum(losses) / len(losses),
         "grad_norm": sum(grad_norms) / len(grad_norms),
-        "rebel/residual_abs": sum(fit) / len(fit),
+        **{key: sum(m[key] for m in fit if key in m) / sum(key in m for m in fit) for key in {k for m in fit for k in m}},
         "lr": run.scheduler.get_last_lr()[0],
         "logp_mismatch_max": mismatch,
     }

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from rebelrl.config import to_yaml
 from rebelrl.envs import Task, build_task
 from rebelrl.eval import evaluate, load_sample_scores, read_jsonl, save_samples, score_rollout, write_report
+from rebelrl.eval.dialogue import evaluate_dialogues, load_turn_scores, per_turn_table, plot_per_turn, save_dialogues
 from rebelrl.models import AdapterDisabled, apply_lora, load_causal_lm, load_tokenizer
-from rebelrl.rewards import RewardFn, load_reward
+from rebelrl.rewards import RewardFn, apply_no_eos_penalty, check_scores, load_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state, write_atomic
 from rebelrl.train.config import TrainConfig
@@ -107,7 +108,8 @@ class Run:
         self.start_iteration = state["iteration"]
         self.metrics_log.rewind(self.start_iteration)
         self.eval_log.rewind(self.start_iteration)
-        self.baseline_scores = load_sample_scores(self.run_dir / INITIAL_SAMPLES)
+        initial = self.run_dir / INITIAL_SAMPLES
+        self.baseline_scores = load_turn_scores(initial) if self.task.env is not None else load_sample_scores(initial)
         self.history = read_jsonl(self.metrics_log.path)
         self.evals = read_jsonl(self.eval_log.path)
         print(f"rebelrl: resumed from {checkpoint} (iteration {self.start_iteration})", file=sys.stderr)
@@ -136,6 +138,12 @@ class Run:
     def score(self, rollout) -> torch.Tensor:
         return score_rollout(self.reward_fn, rollout, self.cfg.reward.no_eos_penalty, self.reward_name)
 
+    def score_conversations(self, conversations, finished: torch.Tensor) -> torch.Tensor:
+        """(N,) scores of whole conversations; ``finished`` (N,) flags the reply the penalty looks at."""
+        scores = check_scores(self.reward_fn(conversations), len(conversations), self.reward_name)
+        scores = apply_no_eos_penalty(scores, finished.tolist(), self.cfg.reward.no_eos_penalty)
+        return torch.tensor(scores, dtype=torch.float32)
+
     def clip_and_step(self) -> float:
         """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -159,6 +167,30 @@ class Run:
 
     def run_eval(self, iteration: int) -> dict:
         t0 = time.perf_counter()
+        if self.task.env is not None:
+            metrics = self._eval_dialogues()
+        else:
+            metrics = self._eval_single_turn()
+        record = {"iteration": iteration, **metrics, "time/eval": time.perf_counter() - t0}
+        self.eval_log.log(record)
+        self.evals.append(record)
+        msg = f"eval @ {iteration}: reward {metrics['reward_mean']:.3f}  win rate vs initial {metrics['win_rate_vs_initial']:.3f}  KL {metrics['kl_to_ref']:.3f}"
+        (self._bar.write if self._bar is not None else print)(msg)
+        return record
+
+    def _eval_dialogues(self) -> dict:
+        metrics, dialogues, scores = evaluate_dialogues(
+            self.generator, self.policy, self.ref, self.tokenizer, self.task.env, self.task.eval, self.reward_fn,
+            self.eval_sampling, self.cfg.eval.seed, self.cfg.task.horizon, self.baseline_scores,
+        )
+        if self.baseline_scores is None:
+            self.baseline_scores = scores
+            metrics.update({f"win_rate_turn_{h}": 0.5 for h in range(1, self.cfg.task.horizon + 1)}, win_rate_vs_initial=0.5)
+            save_dialogues(self.run_dir / INITIAL_SAMPLES, dialogues, scores)
+        save_dialogues(self.run_dir / "eval_samples_latest.jsonl", dialogues, scores)
+        return metrics
+
+    def _eval_single_turn(self) -> dict:
         metrics, rollout, scores = evaluate(
             self.generator, self.ref, self.task.eval, self.reward_fn, self.eval_sampling, self.cfg.eval.seed,
             self.cfg.reward.no_eos_penalty, self.baseline_scores, batch_size=self.cfg.rebel.micro_batch_size * 2,
@@ -168,12 +200,7 @@ class Run:
             metrics["win_rate_vs_initial"] = 0.5
             save_samples(self.run_dir / INITIAL_SAMPLES, rollout, scores)
         save_samples(self.run_dir / "eval_samples_latest.jsonl", rollout, scores)
-        record = {"iteration": iteration, **metrics, "time/eval": time.perf_counter() - t0}
-        self.eval_log.log(record)
-        self.evals.append(record)
-        msg = f"eval @ {iteration}: reward {metrics['reward_mean']:.3f}  win rate vs initial {metrics['win_rate_vs_initial']:.3f}  KL {metrics['kl_to_ref']:.3f}"
-        (self._bar.write if self._bar is not None else print)(msg)
-        return record
+        return metrics
 
     def save(self, iteration: int) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -182,7 +209,9 @@ class Run:
     def finish(self) -> dict:
         if self._bar is not None:
             self._bar.close()
-        report = write_report(self.run_dir, title=f"REBEL on {self.task.name} ({self.cfg.model.name})")
+        report = write_report(self.run_dir, title=f"{self.cfg.algo.upper()} on {self.task.name} ({self.cfg.model.name})")
+        if self.task.env is not None:
+            self._per_turn_report(report)
         first, last = self.evals[0], self.evals[-1]
         summary = {
             "initial_reward": first["reward_mean"],
@@ -200,6 +229,15 @@ class Run:
             f"report: {report}"
         )
         return summary
+
+
+    def _per_turn_report(self, report: Path) -> None:
+        H = self.cfg.task.horizon
+        plot_per_turn(self.evals, H, self.run_dir / "plots" / "win_rate_per_turn.png")
+        table = per_turn_table(self.evals, H)
+        section = f"\n## Win rate vs initial policy at each turn h\n\n![per turn](plots/win_rate_per_turn.png)\n\n{table}\n"
+        write_atomic(report, report.read_text() + section)
+        print(f"\nwin rate vs initial policy by turn h:\n{table}")
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:

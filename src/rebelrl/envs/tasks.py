@@ -22,6 +22,7 @@ class Task:
     train: list[Conversation]
     eval: list[Conversation]
     reward: str | None  # default reward spec (built-in name or module:function); None: the user must name one
+    env: object | None = None  # multi-turn tasks: the Env whose user answers each assistant turn
 
 
 def build_task(cfg) -> Task:
@@ -51,7 +52,30 @@ def build_task(cfg) -> Task:
         else:
             train, held_out = _split(prompts, cfg.n_eval)
         return Task(Path(cfg.prompts).stem, train[: cfg.n_train], held_out, None)
+    if cfg.name in ("secret", "env"):
+        env = _build_env(cfg)
+        # Different seeds for the two sets: held-out games are never trained on.
+        train, held_out = env.reset(cfg.n_train, seed=_SPLIT_SEED), env.reset(cfg.n_eval, seed=_SPLIT_SEED + 1)
+        reward = "rebelrl.envs.secret:secret_reward" if cfg.name == "secret" else None
+        return Task(cfg.name if cfg.name == "secret" else cfg.env, train, held_out, reward, env)
     raise ValueError(f"unknown task {cfg.name!r}")
+
+
+def _build_env(cfg):
+    if cfg.name == "secret":
+        from rebelrl.envs.secret import SecretEnv
+
+        return SecretEnv(horizon=cfg.horizon, items=cfg.items or None, system_prompt=cfg.system_prompt)
+    from rebelrl.envs.base import import_object
+
+    if not cfg.env:
+        raise ValueError("task.name=env needs task.env: the import path module:attr of your Env (or of a factory)")
+    obj = import_object(cfg.env, "env")
+    env = obj(horizon=cfg.horizon, **cfg.env_kwargs) if cfg.env_kwargs or isinstance(obj, type) else obj
+    for method in ("reset", "step"):
+        if not callable(getattr(env, method, None)):
+            raise ValueError(f"env {cfg.env!r}: {type(env).__name__} has no {method}() method")
+    return env
 
 
 def chitchat_openings(min_chars: int = 12, max_chars: int = 200) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
+from rebelrl.models import model_device
 from rebelrl.rollout.base import SamplingParams
 from rebelrl.types import Conversation, Rollout
 
@@ -101,7 +102,7 @@ class HFGenerator:
         )
 
     def _generate_batch(self, prompts: list[Conversation], n: int, params: SamplingParams) -> dict:
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, device)  # (B, P)
         eos = eos_ids(self.tokenizer, self.model)
         recorder = _LogprobRecorder(params.logprob_temperature)

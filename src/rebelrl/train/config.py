@@ -25,10 +25,11 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["chitchat-warm", "reasoning-gym", "prompts"] = field(
+    name: Literal["chitchat-warm", "reasoning-gym", "prompts", "secret", "env"] = field(
         "chitchat-warm",
         "chitchat-warm: reply warmly to opening lines of real chats (VADER reward); reasoning-gym: a "
-        "reasoning-gym dataset with its answer checker; prompts: your own prompt file",
+        "reasoning-gym dataset with its answer checker; prompts: your own prompt file; secret: multi-turn, "
+        "find the user's secret animal by asking questions; env: your own multi-turn Env (task.env)",
     )
     prompts: str | None = field(None, "task=prompts: training prompts (.jsonl, .parquet, a saved datasets folder, or hf:NAME[:SPLIT])")
     eval_prompts: str | None = field(None, "task=prompts: held-out prompts; null = split n_eval rows off the training prompts")
@@ -38,6 +39,10 @@ class TaskConfig:
     dataset: str = field("basic_arithmetic", "task=reasoning-gym: the reasoning-gym dataset name")
     n_train: int = field(2000, "number of training prompts (at most)")
     n_eval: int = field(64, "number of held-out prompts for evaluation")
+    horizon: int = field(5, "multi-turn tasks: assistant turns per dialogue (H)")
+    items: list[str] = field([], "task=secret: the animals a secret is drawn from; empty = the whole catalog")
+    env: str | None = field(None, "task=env: import path module:attr of an Env, or of a factory when env_kwargs is set")
+    env_kwargs: dict = field({}, "keyword arguments for task.env (the horizon is passed as `horizon`)")
 
 
 @dataclass
@@ -71,6 +76,19 @@ class RebelConfig:
 
 
 @dataclass
+class RefuelConfig:
+    rollin: Literal["policy", "reference"] = field(
+        "policy", "who plays the turns before h: the current policy (REFUEL) or the frozen initial policy (single-turn baselines)"
+    )
+    target: Literal["future", "turn"] = field(
+        "future", "future: continue both branches to the end turn L and score there (REFUEL); turn: score the dialogue at turn h"
+    )
+    end_turn: Literal["sampled", "horizon"] = field("sampled", "L ~ U{1..H} then h ~ U{1..L} (as the authors), or always L = H")
+    loss: Literal["rebel", "dpo"] = field("rebel", "regress with rebel_loss, or DPO on the better/worse branch (ties dropped)")
+    beta: float = field(0.1, "loss=dpo: DPO beta")
+
+
+@dataclass
 class OptimConfig:
     lr: float = field(3e-6, "AdamW learning rate")
     weight_decay: float = field(0.0, "AdamW weight decay")
@@ -96,7 +114,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    algo: Literal["rebel"] = field("rebel", "training algorithm")
+    algo: Literal["rebel", "refuel"] = field("rebel", "rebel: single-turn prompts; refuel: multi-turn dialogues (task=secret or env)")
     run_dir: str = field("runs/rebel", "output folder: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, report.md, plots/")
     iterations: int = field(10, "collect -> score -> update rounds")
     seed: int = field(0, "seed for sampling, data order and initialisation")
@@ -107,6 +125,7 @@ class TrainConfig:
     reward: RewardConfig = field(RewardConfig())
     rollout: RolloutConfig = field(RolloutConfig())
     rebel: RebelConfig = field(RebelConfig())
+    refuel: RefuelConfig = field(RefuelConfig())
     optim: OptimConfig = field(OptimConfig())
     eval: EvalConfig = field(EvalConfig())
     checkpoint: CheckpointConfig = field(CheckpointConfig())
@@ -120,6 +139,13 @@ class TrainConfig:
             raise ValueError("rebel.minibatch_size must be a multiple of rebel.micro_batch_size")
         if self.iterations < 1 or self.rebel.epochs < 1:
             raise ValueError("iterations and rebel.epochs must be >= 1")
+        multi_turn = self.task.name in ("secret", "env")
+        if (self.algo == "refuel") != multi_turn:
+            raise ValueError("algo=refuel trains on multi-turn tasks (task.name=secret or env), algo=rebel on single-turn ones")
+        if self.algo == "refuel" and self.rollout.samples_per_prompt != 2:
+            raise ValueError("algo=refuel branches exactly two continuations: rollout.samples_per_prompt must be 2")
+        if self.algo == "refuel" and self.refuel.rollin == "reference" and self.model.lora_r > 0:
+            raise ValueError("refuel.rollin=reference needs a separate reference model: set model.lora_r=0")
 
     @property
     def pairs_per_iter(self) -> int:

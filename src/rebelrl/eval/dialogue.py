@@ -1,0 +1,135 @@
+"""Multi-turn evaluation: play H turns with the simulated user, judge the dialogue after every turn h.
+
+The per-turn win rate against the initial policy (the REFUEL paper's table) compares, for each h,
+the reward of the dialogue cut after its h-th assistant turn with the initial policy's on the same
+opening and the same sampling seed. Ties count half.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from rebelrl.eval.evaluate import win_rate
+from rebelrl.logprobs import token_logprobs
+from rebelrl.models import model_device
+from rebelrl.rewards import RewardFn, check_scores
+from rebelrl.rollout import Generator, SamplingParams
+from rebelrl.rollout.dialogue import encode_dialogue, play, truncate_turns
+from rebelrl.types import Conversation
+
+
+def turn_scores(reward_fn: RewardFn, conversations: list[Conversation], horizon: int) -> torch.Tensor:
+    """(N, H): the reward of each dialogue cut after assistant turn h = 1..H (a dialogue that ended
+    earlier is judged whole)."""
+    columns = []
+    for h in range(1, horizon + 1):
+        cut = [truncate_turns(c, h) for c in conversations]
+        columns.append(torch.tensor(check_scores(reward_fn(cut), len(cut), "reward"), dtype=torch.float32))
+    return torch.stack(columns, dim=1)
+
+
+@torch.no_grad()
+def dialogue_logprobs(model, tokenizer, conversations: list[Conversation], temperature: float, batch_size: int = 8) -> torch.Tensor:
+    """(N,) log pi(all assistant turns | the rest of the dialogue), summed over the assistant tokens."""
+    out = []
+    device = model_device(model)
+    for i in range(0, len(conversations), batch_size):
+        encoded = [encode_dialogue(tokenizer, c) for c in conversations[i : i + batch_size]]
+        L = max(len(ids) for ids, _ in encoded)
+        ids = torch.full((len(encoded), L), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros(len(encoded), L, dtype=torch.long)
+        targets = torch.zeros(len(encoded), L, dtype=torch.long)  # 1 on assistant tokens
+        for row, (seq, spans) in enumerate(encoded):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+            for start, end in spans:
+                targets[row, start:end] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits[:, :-1]
+        logps = token_logprobs(logits, ids[:, 1:].to(device), temperature)  # (b, L-1): token t+1 given its past
+        out.append((logps * targets[:, 1:].to(logps.device)).sum(dim=1).cpu())
+    return torch.cat(out)
+
+
+def evaluate_dialogues(
+    generator: Generator,
+    policy_model,
+    ref_model,
+    tokenizer,
+    env,
+    starts: list[Conversation],
+    reward_fn: RewardFn,
+    params: SamplingParams,
+    seed: int,
+    horizon: int,
+    baseline_turn_scores: torch.Tensor | None = None,
+) -> tuple[dict, list[Conversation], torch.Tensor]:
+    """Play ``horizon`` turns from each opening and judge every turn.
+
+    Returns metrics (``reward_mean`` and ``win_rate_vs_initial`` at turn H, plus ``reward_turn_h``,
+    ``win_rate_turn_h`` for every h, ``kl_to_ref`` over all assistant tokens), the dialogues, and the
+    (N, H) turn scores that serve as the baseline of later evaluations.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dialogues = play(generator, env, starts, [horizon] * len(starts), params).conversations
+    scores = turn_scores(reward_fn, dialogues, horizon)  # (N, H)
+    policy = dialogue_logprobs(policy_model, tokenizer, dialogues, params.logprob_temperature)
+    ref = dialogue_logprobs(ref_model, tokenizer, dialogues, params.logprob_temperature)
+    turns = [sum(m.role == "assistant" for m in d.messages) for d in dialogues]
+    metrics = {
+        "reward_mean": scores[:, -1].mean().item(),
+        "reward_std": scores[:, -1].std().item() if len(dialogues) > 1 else 0.0,
+        "kl_to_ref": (policy - ref).mean().item(),
+        "turns_mean": sum(turns) / len(turns),
+        "n_prompts": len(starts),
+    }
+    for h in range(1, horizon + 1):
+        metrics[f"reward_turn_{h}"] = scores[:, h - 1].mean().item()
+    if baseline_turn_scores is not None:
+        for h in range(1, horizon + 1):
+            metrics[f"win_rate_turn_{h}"] = win_rate(scores[:, h - 1], baseline_turn_scores[:, h - 1])
+        metrics["win_rate_vs_initial"] = metrics[f"win_rate_turn_{horizon}"]
+    return metrics, dialogues, scores
+
+
+def save_dialogues(path: Path, dialogues: list[Conversation], scores: torch.Tensor) -> None:
+    with open(path, "w") as f:
+        for dialogue, row in zip(dialogues, scores.tolist()):
+            f.write(json.dumps({"messages": dialogue.to_chat(), "turn_scores": row, "score": row[-1]}) + "\n")
+
+
+def load_turn_scores(path: Path) -> torch.Tensor:
+    rows = [json.loads(line)["turn_scores"] for line in Path(path).read_text().splitlines() if line.strip()]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def per_turn_table(evals: list[dict], horizon: int) -> str:
+    """Markdown: one row per evaluation, win rate against the initial policy at each turn h."""
+    head = "| iteration | " + " | ".join(f"h={h}" for h in range(1, horizon + 1)) + " |"
+    lines = [head, "|---" * (horizon + 1) + "|"]
+    for e in evals:
+        cells = [f"{e[f'win_rate_turn_{h}']:.3f}" if f"win_rate_turn_{h}" in e else "-" for h in range(1, horizon + 1)]
+        lines.append(f"| {e['iteration']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_per_turn(evals: list[dict], horizon: int, path: Path) -> None:
+    """Win rate against the initial policy by turn, one line per evaluation after the first."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    turns = list(range(1, horizon + 1))
+    for e in evals[1:]:
+        ax.plot(turns, [e.get(f"win_rate_turn_{h}", float("nan")) for h in turns], marker="o", label=f"iteration {e['iteration']}")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("turn h")
+    ax.set_ylabel("win rate vs initial policy")
+    ax.set_xticks(turns)
+    ax.set_ylim(0, 1)
+    ax.set_title("Per-turn win rate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

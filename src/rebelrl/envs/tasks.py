@@ -52,6 +52,15 @@ def build_task(cfg) -> Task:
         else:
             train, held_out = _split(prompts, cfg.n_eval)
         return Task(Path(cfg.prompts).stem, train[: cfg.n_train], held_out, None)
+    if cfg.name == "chitchat-dialogue":
+        from rebelrl.envs.base import UserEnv, load_user_simulator
+        from rebelrl.envs.users import LMUser
+
+        system = cfg.system_prompt if cfg.system_prompt is not None else CHITCHAT_SYSTEM
+        train, held_out = _split([Conversation.from_prompt(t, system=system) for t in chitchat_openings()], cfg.n_eval)
+        user = load_user_simulator(cfg.user, cfg.user_kwargs) if cfg.user else LMUser(cfg.user_model, seed=_SPLIT_SEED)
+        env = UserEnv(train[: cfg.n_train], user, cfg.horizon)
+        return Task(cfg.name, train[: cfg.n_train], held_out, "vader", env)
     if cfg.name in ("secret", "env"):
         env = _build_env(cfg)
         # Different seeds for the two sets: held-out games are never trained on.

@@ -10,13 +10,13 @@ A dialogue of horizon ``H`` has at most ``H`` assistant turns (REFUEL, Gao et al
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
+from rebelrl.imports import import_object
 from rebelrl.types import Conversation
 
 StartFn = Callable[[int, int], list[Conversation]]  # (n, seed) -> n starting conversations
@@ -177,22 +177,6 @@ class UserEnv:
                 f"after {1 + self.max_retries} attempts; expected a non-empty string per conversation"
             )
         return replies
-
-
-def import_object(spec: str, what: str) -> Any:
-    """The object named by ``"package.module:attr.sub"``; errors name ``what`` and the spec."""
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not module_name.strip() or not attr_path.strip() or ":" in attr_path:
-        raise ValueError(f"{what} {spec!r}: expected an import path 'package.module:attr'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r}: {e}") from e
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {part!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def load_user_simulator(spec: str, kwargs: dict | None = None) -> UserSimulator:

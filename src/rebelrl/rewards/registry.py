@@ -7,11 +7,12 @@ surfaces as an ``AttributeError`` deep inside the first rollout.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import numbers
 from typing import TYPE_CHECKING, Any
+
+from rebelrl.imports import import_object
 
 if TYPE_CHECKING:
     from rebelrl.rewards import RewardFn
@@ -32,15 +33,7 @@ def _resolve(spec: str) -> Any:
         raise ValueError(
             f"reward {spec!r}: expected a built-in name ({known}) or an import path 'package.module:attr'"
         )
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {e}") from e
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"reward {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {part!r}")
-        obj = getattr(obj, part)
-    return obj
+    return import_object(path, "reward")
 
 
 def load_reward(spec: str, kwargs: dict | None = None) -> RewardFn:

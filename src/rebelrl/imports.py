@@ -1,0 +1,22 @@
+"""Objects named in configs by import path (``package.module:attr.sub``): rewards, users, envs."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+def import_object(spec: str, what: str) -> Any:
+    """The object named by ``"package.module:attr.sub"``; errors name ``what`` and the spec."""
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name.strip() or not attr_path.strip() or ":" in attr_path:
+        raise ValueError(f"{what} {spec!r}: expected an import path 'package.module:attr'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r}: {e}") from e
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {part!r}")
+        obj = getattr(obj, part)
+    return obj

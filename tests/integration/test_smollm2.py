@@ -64,3 +64,19 @@ def test_one_rebel_iteration_on_smollm2(tmp_path):
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in evals] == [0, 1]
     assert (run / "checkpoints" / "iter-000001" / "model" / "model.safetensors").exists()
+
+
+def test_one_refuel_iteration_on_smollm2_secret_game(tmp_path):
+    """REFUEL's full path on the real model: roll-in, branch, continuation, per-turn evaluation."""
+    run = tmp_path / "refuel"
+    args = [
+        "train", str(QUICKSTART.parent / "secret_refuel.yaml"), f"run_dir={run}", "iterations=1", "task.horizon=2",
+        "task.n_eval=2", "rollout.prompts_per_iter=2", "rollout.max_new_tokens=16", "rebel.minibatch_size=2",
+        "rebel.micro_batch_size=2", "refuel.end_turn=horizon",
+    ]
+    assert main(args) == 0
+    (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert row["loss"] == row["loss"] and row["end_turn_mean"] == 2.0
+    assert row["logp_mismatch_max"] < 1e-3
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert {"win_rate_turn_1", "win_rate_turn_2"} <= set(evals[-1])

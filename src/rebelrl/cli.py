@@ -54,6 +54,7 @@ def _train(cfg: TrainConfig) -> int:
 def _eval(cfg: EvalCommandConfig) -> int:
     from rebelrl.envs import build_task
     from rebelrl.eval import evaluate, save_samples
+    from rebelrl.eval.dialogue import evaluate_dialogues, per_turn_table, save_dialogues
     from rebelrl.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
     from rebelrl.rewards import load_reward
     from rebelrl.rollout import HFGenerator, SamplingParams
@@ -69,19 +70,26 @@ def _eval(cfg: EvalCommandConfig) -> int:
     baseline = load_causal_lm(baseline_name, cfg.dtype)
     model = load_causal_lm(cfg.model, cfg.dtype)
     params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-    base_metrics, _, base_scores = evaluate(
-        HFGenerator(baseline, tokenizer, cfg.batch_size), baseline, task.eval, reward_fn, params, cfg.seed, cfg.reward.no_eos_penalty
-    )
-    metrics, rollout, scores = evaluate(
-        HFGenerator(model, tokenizer, cfg.batch_size), baseline, task.eval, reward_fn, params, cfg.seed,
-        cfg.reward.no_eos_penalty, baseline_scores=base_scores,
-    )
+    if task.env is None:
+        def run(m, base_scores):
+            return evaluate(HFGenerator(m, tokenizer, cfg.batch_size), baseline, task.eval, reward_fn, params, cfg.seed,
+                            cfg.reward.no_eos_penalty, baseline_scores=base_scores)
+    else:  # dialogues: play task.horizon turns with the simulated user and judge every turn
+        def run(m, base_scores):
+            return evaluate_dialogues(HFGenerator(m, tokenizer, cfg.batch_size), m, baseline, tokenizer, task.env, task.eval,
+                                      reward_fn, params, cfg.seed, cfg.task.horizon, base_scores)
+    base_metrics, _, base_scores = run(baseline, None)
+    metrics, samples, scores = run(model, base_scores)
     if cfg.output:
-        save_samples(cfg.output, rollout, scores)
-    result = {"model": cfg.model, "baseline": baseline_name, "baseline_reward_mean": base_metrics["reward_mean"], **metrics}
-    result["kl_to_baseline"] = result.pop("kl_to_ref")
-    result["win_rate_vs_baseline"] = result.pop("win_rate_vs_initial")
+        (save_samples if task.env is None else save_dialogues)(cfg.output, samples, scores)
+    result = {"model": cfg.model, "baseline": baseline_name, "baseline_reward_mean": base_metrics["reward_mean"]}
+    for key, value in metrics.items():
+        key = key.replace("kl_to_ref", "kl_to_baseline").replace("win_rate_vs_initial", "win_rate_vs_baseline")
+        result[key.replace("win_rate_turn_", "win_rate_vs_baseline_turn_")] = value
     print(json.dumps(result, indent=2))
+    if task.env is not None:
+        row = {"iteration": cfg.model, **{k: v for k, v in metrics.items() if k.startswith("win_rate_turn_")}}
+        print(f"\nwin rate vs baseline by turn h:\n{per_turn_table([row], cfg.task.horizon)}")
     return 0
 
 

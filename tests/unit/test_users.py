@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from rebelrl.cli import main
@@ -64,3 +66,15 @@ def test_chitchat_dialogue_task_with_an_lm_user_and_with_a_plugged_user(tmp_path
     dialogue = read_jsonl(plugged / "eval_samples_latest.jsonl")[0]["messages"]
     assert [m["content"] for m in dialogue if m["role"] == "user"][1:] == ["go on"]
     assert len(read_jsonl(lm / "metrics.jsonl")) == 1
+
+
+def test_eval_command_on_a_dialogue_task_reports_per_turn_win_rates(tmp_path, monkeypatch, capsys):
+    setup_task(tmp_path, monkeypatch)
+    args = ["eval", "model=tiny-random", "baseline=tiny-random", "task.name=env", "task.env=tiny_rules:TinyDialogueEnv",
+            "task.horizon=2", "task.n_train=4", "task.n_eval=3", "reward.fn=tiny_rules:lowercase_fraction", "max_new_tokens=5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[: out.index("\nwin rate vs baseline by turn")])
+    # the same model and seed on both sides: every turn a tie
+    assert result["win_rate_vs_baseline_turn_1"] == 0.5 and result["win_rate_vs_baseline_turn_2"] == 0.5
+    assert "| h=1 | h=2 |" in out

@@ -78,3 +78,15 @@ def test_generate_and_eval_commands(tmp_path, monkeypatch, capsys):
     # the same model with the same seed: identical samples, every prompt a tie, zero KL
     assert result["win_rate_vs_baseline"] == 0.5
     assert result["kl_to_baseline"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_reasoning_gym_task_trains_through_the_cli(tmp_path):
+    run = tmp_path / "rg"
+    args = [a for a in TINY_ARGS if not a.startswith(("task.", "reward."))]
+    args += ["task.name=reasoning-gym", "task.dataset=basic_arithmetic", "task.n_train=16", "task.n_eval=4", "reward.no_eos_penalty=null",
+             f"run_dir={run}", "iterations=1"]
+    assert main(["train", *args]) == 0
+    (row,) = read_jsonl(run / "metrics.jsonl")
+    assert 0.0 <= row["score_mean"] <= 1.0 and row["loss"] == row["loss"]
+    sample = read_jsonl(run / "eval_initial.jsonl")[0]
+    assert "<answer>" in sample["prompt"]

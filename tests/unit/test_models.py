@@ -1,0 +1,32 @@
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from rebelrl.models import prepare_tokenizer, tiny_tokenizer
+from rebelrl.rollout import HFGenerator, SamplingParams
+from rebelrl.types import Conversation
+
+
+def test_tokenizer_without_pad_or_template_gets_eos_padding_left_and_chatml():
+    tok = tiny_tokenizer()
+    bare = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>")
+    assert bare.pad_token is None and bare.chat_template is None
+    ready = prepare_tokenizer(bare)
+    assert ready.pad_token == "<|im_end|>" and ready.padding_side == "left"
+    text = ready.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_top_k_one_samples_the_greedy_completion(model, tokenizer):
+    gen = HFGenerator(model, tokenizer)
+    prompts = [Conversation.from_prompt("abc"), Conversation.from_prompt("hello there")]
+    greedy = gen.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=8))
+    top1 = gen.generate(prompts, 1, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8))
+    assert torch.equal(greedy.completion_ids, top1.completion_ids)
+
+
+def test_top_p_and_temperature_change_samples_but_not_shapes(model, tokenizer):
+    gen = HFGenerator(model, tokenizer)
+    prompts = [Conversation.from_prompt("abc")]
+    torch.manual_seed(0)
+    a = gen.generate(prompts, 4, SamplingParams(temperature=1.0, top_p=0.5, max_new_tokens=6))
+    assert a.completion_ids.shape[0] == 4 and (a.sample_logps <= 0).all()

@@ -72,25 +72,16 @@ def strip_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
+# The same budget on a three-turn dialogue with a user who always says "go on".
 REFUEL_ARGS = [
     "algo=refuel",
-    "model.name=tiny-random",
+    *(a for a in TINY_ARGS if not a.startswith(("task.", "rollout.max_new_tokens", "eval.every", "checkpoint.every"))),
     "task.name=env",
     "task.env=tiny_rules:TinyDialogueEnv",
     "task.horizon=3",
     "task.n_train=24",
     "task.n_eval=6",
-    "reward.fn=tiny_rules:lowercase_fraction",
-    "reward.no_eos_penalty=null",
-    "rollout.prompts_per_iter=8",
     "rollout.max_new_tokens=6",
-    "rebel.minibatch_size=4",
-    "rebel.micro_batch_size=4",
-    "rebel.epochs=2",
-    "rebel.eta=10",
-    "rebel.kl_coef=0.0",
-    "optim.lr=3e-3",
-    "optim.schedule=constant",
     "eval.every=3",
     "checkpoint.every=3",
 ]

@@ -78,7 +78,14 @@ def collect(run: Run, prompts) -> Collected:
     rewards = scores - cfg.rebel.kl_coef * kl
     index = make_pairs(scores, cfg.rollout.samples_per_prompt, cfg.rollout.pairing)  # (B, 2)
     pairs = PairBatch(index=index, rewards=rewards[index], scores=scores[index], old_logps=old_logps[index], ref_logps=ref_logps[index])
-    metrics = {
+    metrics = batch_metrics(rollout, pairs, scores, rewards, kl)
+    metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/logprobs": t3 - t2})
+    return Collected(rollout, pairs, metrics)
+
+
+def batch_metrics(rollout: Rollout, pairs: PairBatch, scores, rewards, kl) -> dict[str, float]:
+    """What every iteration logs about its samples; scores, rewards, kl: (N,)."""
+    return {
         "score_mean": scores.mean().item(),
         "score_std": scores.std().item(),
         "reward_mean": rewards.mean().item(),
@@ -87,11 +94,7 @@ def collect(run: Run, prompts) -> Collected:
         "response_length": rollout.completion_lengths.float().mean().item(),
         "frac_no_eos": (~rollout.finished).float().mean().item(),
         "pair_score_gap": (pairs.scores[:, 0] - pairs.scores[:, 1]).abs().mean().item(),
-        "time/rollout": t1 - t0,
-        "time/score": t2 - t1,
-        "time/logprobs": t3 - t2,
     }
-    return Collected(rollout, pairs, metrics)
 
 
 def rebel_pair_loss(eta: float) -> PairLoss:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from rebelrl.algos.rebel import Collected, PairLoss, update
+from rebelrl.algos.rebel import Collected, PairLoss, batch_metrics, update
 from rebelrl.algos.run import Run
 from rebelrl.logprobs import rollout_logprobs
 from rebelrl.losses import dpo_loss
@@ -80,21 +80,14 @@ def collect(run: Run, starts: list[Conversation], rollin_generator) -> Collected
     rewards = scores - cfg.rebel.kl_coef * kl
     index = torch.arange(len(finals)).view(-1, 2)  # (B, 2): the two branches of each dialogue
     pairs = PairBatch(index=index, rewards=rewards[index], scores=scores[index], old_logps=old_logps[index], ref_logps=ref_logps[index])
-    metrics = {
-        "score_mean": scores.mean().item(),
-        "score_std": scores.std().item(),
-        "reward_mean": rewards.mean().item(),
-        "reward_std": rewards.std().item(),
-        "kl_to_ref": kl.mean().item(),
-        "response_length": rollout.completion_lengths.float().mean().item(),
-        "frac_no_eos": (~rollout.finished).float().mean().item(),
-        "pair_score_gap": (pairs.scores[:, 0] - pairs.scores[:, 1]).abs().mean().item(),
+    metrics = batch_metrics(rollout, pairs, scores, rewards, kl)
+    metrics.update({
         "branch_turn_mean": sum(branch) / len(branch),
         "end_turn_mean": sum(ends) / len(ends),
         "time/rollout": t1 - t0,
         "time/score": t2 - t1,
         "time/logprobs": t3 - t2,
-    }
+    })
     return Collected(rollout, pairs, metrics)
 
 

@@ -5,8 +5,9 @@ per-turn win rate against the initial policy of each method's final evaluation, 
 table. Every run starts from the same model and evaluates the same held-out games with the same
 sampling seed, so all win rates are against the same initial dialogues.
 
-    python benchmarks/refuel_vs_baselines.py                      # the secret game, configs/secret_*.yaml
-    python benchmarks/refuel_vs_baselines.py --out runs/compare iterations=4   # overrides go to every run
+    python benchmarks/refuel_vs_baselines.py                  # guess-my-number, configs/number_*.yaml
+    python benchmarks/refuel_vs_baselines.py --task secret    # the secret-animal game, configs/secret_*.yaml
+    python benchmarks/refuel_vs_baselines.py iterations=4     # overrides go to every run
 """
 
 from __future__ import annotations
@@ -18,11 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {
-    "REFUEL": "configs/secret_refuel.yaml",
-    "single-turn REBEL": "configs/secret_rebel_turn.yaml",
-    "single-turn DPO": "configs/secret_dpo_turn.yaml",
-}
+METHODS = {"REFUEL": "refuel", "single-turn REBEL": "rebel_turn", "single-turn DPO": "dpo_turn"}  # configs/{task}_{name}.yaml
 
 
 def last_eval(run_dir: Path) -> dict:
@@ -41,12 +38,15 @@ def table(results: dict[str, dict], horizon: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/compare", help="parent folder of the runs")
+    parser.add_argument("--task", choices=["number", "secret"], default="number", help="configs/{task}_*.yaml")
+    parser.add_argument("--out", default=None, help="parent folder of the runs (default runs/compare-{task})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     results, horizon = {}, None
-    for name, config in METHODS.items():
-        run_dir = Path(args.out) / name.lower().replace(" ", "_").replace("-", "_")
+    out = Path(args.out or f"runs/compare-{args.task}")
+    for name, suffix in METHODS.items():
+        config = f"configs/{args.task}_{suffix}.yaml"
+        run_dir = out / suffix
         if not (run_dir / "report.md").exists():
             cmd = [sys.executable, "-m", "rebelrl.cli", "train", str(ROOT / config), f"run_dir={run_dir}", *args.overrides]
             if (run_dir / "checkpoints").exists():

@@ -61,12 +61,12 @@ def build_task(cfg) -> Task:
         user = load_user_simulator(cfg.user, cfg.user_kwargs) if cfg.user else LMUser(cfg.user_model, seed=_SPLIT_SEED)
         env = UserEnv(train[: cfg.n_train], user, cfg.horizon)
         return Task(cfg.name, train[: cfg.n_train], held_out, "vader", env)
-    if cfg.name in ("secret", "env"):
+    if cfg.name in ("secret", "guess-number", "env"):
         env = _build_env(cfg)
         # Different seeds for the two sets: held-out games are never trained on.
         train, held_out = env.reset(cfg.n_train, seed=_SPLIT_SEED), env.reset(cfg.n_eval, seed=_SPLIT_SEED + 1)
-        reward = "rebelrl.envs.secret:secret_reward" if cfg.name == "secret" else None
-        return Task(cfg.name if cfg.name == "secret" else cfg.env, train, held_out, reward, env)
+        reward = {"secret": "rebelrl.envs.secret:secret_reward", "guess-number": "rebelrl.envs.numbers:number_reward"}.get(cfg.name)
+        return Task(cfg.env if cfg.name == "env" else cfg.name, train, held_out, reward, env)
     raise ValueError(f"unknown task {cfg.name!r}")
 
 
@@ -75,6 +75,10 @@ def _build_env(cfg):
         from rebelrl.envs.secret import SecretEnv
 
         return SecretEnv(horizon=cfg.horizon, items=cfg.items or None, system_prompt=cfg.system_prompt)
+    if cfg.name == "guess-number":
+        from rebelrl.envs.numbers import NumberEnv
+
+        return NumberEnv(horizon=cfg.horizon, max_number=cfg.max_number, system_prompt=cfg.system_prompt)
     from rebelrl.envs.base import import_object
 
     if not cfg.env:

@@ -25,12 +25,13 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["chitchat-warm", "reasoning-gym", "prompts", "chitchat-dialogue", "secret", "env"] = field(
+    name: Literal["chitchat-warm", "reasoning-gym", "prompts", "chitchat-dialogue", "secret", "guess-number", "env"] = field(
         "chitchat-warm",
         "chitchat-warm: reply warmly to opening lines of real chats (VADER reward); reasoning-gym: a "
         "reasoning-gym dataset with its answer checker; prompts: your own prompt file; chitchat-dialogue: "
         "multi-turn chitchat-warm with a simulated user; secret: multi-turn, find the user's secret animal "
-        "by asking questions; env: your own multi-turn Env (task.env)",
+        "by asking questions; guess-number: multi-turn, find the user's number from higher/lower answers; "
+        "env: your own multi-turn Env (task.env)",
     )
     prompts: str | None = field(None, "task=prompts: training prompts (.jsonl, .parquet, a saved datasets folder, or hf:NAME[:SPLIT])")
     eval_prompts: str | None = field(None, "task=prompts: held-out prompts; null = split n_eval rows off the training prompts")
@@ -42,6 +43,7 @@ class TaskConfig:
     n_eval: int = field(64, "number of held-out prompts for evaluation")
     horizon: int = field(5, "multi-turn tasks: assistant turns per dialogue (H)")
     items: list[str] = field([], "task=secret: the animals a secret is drawn from; empty = the whole catalog")
+    max_number: int = field(8, "task=guess-number: the number is drawn from 1..max_number")
     user: str | None = field(None, "task=chitchat-dialogue: your own UserSimulator (module:attr); null = an LM plays the user")
     user_kwargs: dict = field({}, "keyword arguments for task.user (a factory or class)")
     user_model: str = field(DEFAULT_MODEL, "task=chitchat-dialogue: the model that plays the user when task.user is null")
@@ -118,7 +120,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    algo: Literal["rebel", "refuel"] = field("rebel", "rebel: single-turn prompts; refuel: multi-turn dialogues (task=chitchat-dialogue, secret or env)")
+    algo: Literal["rebel", "refuel"] = field("rebel", "rebel: single-turn prompts; refuel: multi-turn dialogues (task=chitchat-dialogue, secret, guess-number or env)")
     run_dir: str = field("runs/rebel", "output folder: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, report.md, plots/")
     iterations: int = field(10, "collect -> score -> update rounds")
     seed: int = field(0, "seed for sampling, data order and initialisation")
@@ -143,9 +145,9 @@ class TrainConfig:
             raise ValueError("rebel.minibatch_size must be a multiple of rebel.micro_batch_size")
         if self.iterations < 1 or self.rebel.epochs < 1:
             raise ValueError("iterations and rebel.epochs must be >= 1")
-        multi_turn = self.task.name in ("chitchat-dialogue", "secret", "env")
+        multi_turn = self.task.name in ("chitchat-dialogue", "secret", "guess-number", "env")
         if (self.algo == "refuel") != multi_turn:
-            raise ValueError("algo=refuel trains on multi-turn tasks (task.name=chitchat-dialogue, secret or env), algo=rebel on single-turn ones")
+            raise ValueError("algo=refuel trains on multi-turn tasks (task.name=chitchat-dialogue, secret, guess-number or env), algo=rebel on single-turn ones")
         if self.algo == "refuel" and self.rollout.samples_per_prompt != 2:
             raise ValueError("algo=refuel branches exactly two continuations: rollout.samples_per_prompt must be 2")
         if self.algo == "refuel" and self.refuel.rollin == "reference" and self.model.lora_r > 0:

@@ -1,0 +1,87 @@
+"""Guess my number: the user holds a number in 1..N and answers each guess with "Higher." or "Lower.".
+
+The reward (``number_reward``) is 1 only if the dialogue's last reply guesses the number, so a guess
+is worth what it teaches about the later ones: with N = 8 and four turns, halving the range each
+turn (4, then 2 or 6, ...) always wins, while a guess that ignores the answers rarely does. A
+single-turn method that scores each reply on its own turn sees every first guess as a 1-in-N shot
+and cannot learn the halving; REFUEL, scoring the future of each guess, can. Small models name
+numbers readily, which makes this the cheaper of the two planning tasks to learn on a CPU.
+
+``ScriptedNumberUser`` reads the last integer of each reply, deterministically, with no model.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from rebelrl.envs.base import StepResult, UserEnv
+from rebelrl.types import Conversation
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def guessed_number(text: str) -> int | None:
+    """The last integer in a reply ("I guess 4." -> 4; "Is it 3 or 5?" -> 5), None if there is none."""
+    found = _INTEGER.findall(text)
+    return int(found[-1]) if found else None
+
+
+def number_intro(max_number: int, horizon: int) -> str:
+    turns = "1 guess" if horizon == 1 else f"{horizon} guesses"
+    return (
+        f"Let's play a game. I am thinking of a whole number from 1 to {max_number}. You have {turns}. "
+        "Each time, guess one number; I will answer Higher, Lower or Correct. Reply with your guess."
+    )
+
+
+def answer(text: str, secret: int, max_number: int) -> str:
+    guess = guessed_number(text)
+    if guess is None:
+        return f"Please guess one whole number from 1 to {max_number}."
+    if guess == secret:
+        return "Correct!"
+    return "Higher." if secret > guess else "Lower."
+
+
+class ScriptedNumberUser:
+    """``UserSimulator`` that holds ``meta["number"]`` and answers each guess."""
+
+    def __init__(self, max_number: int):
+        self.max_number = max_number
+
+    def respond(self, conversations: list[Conversation]) -> list[str]:
+        return [answer(c.last_assistant, c.meta["number"], self.max_number) for c in conversations]
+
+
+def number_reward(conversations: list[Conversation]) -> list[float]:
+    """1.0 if the last assistant reply guesses the number held in ``meta["number"]``, else 0.0."""
+    return [float(guessed_number(c.last_assistant) == c.meta["number"]) for c in conversations]
+
+
+class NumberEnv:
+    """The game as an ``Env``: ends at ``horizon`` replies or at the first correct guess."""
+
+    def __init__(self, horizon: int = 4, max_number: int = 8, seed: int = 0, system_prompt: str | None = None):
+        if max_number < 2:
+            raise ValueError(f"max_number must be >= 2, got {max_number}")
+        self.horizon = horizon
+        self.max_number = max_number
+        self.seed = seed
+        self.system_prompt = system_prompt
+        self._env = UserEnv(self._starts, ScriptedNumberUser(max_number), horizon, stop=_solved, reward=number_reward)
+
+    def _starts(self, n: int, seed: int) -> list[Conversation]:
+        rng = random.Random(f"number/{self.seed}/{seed}")  # str seeds hash the same in every process
+        text = number_intro(self.max_number, self.horizon)
+        return [Conversation.from_prompt(text, self.system_prompt, {"number": rng.randint(1, self.max_number)}) for _ in range(n)]
+
+    def reset(self, n: int, seed: int) -> list[Conversation]:
+        return self._env.reset(n, seed)
+
+    def step(self, conversations: list[Conversation]) -> list[StepResult]:
+        return self._env.step(conversations)
+
+
+def _solved(conversation: Conversation) -> bool:
+    return guessed_number(conversation.last_assistant) == conversation.meta["number"]

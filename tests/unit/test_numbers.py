@@ -1,0 +1,50 @@
+import pytest
+
+from rebelrl.envs.numbers import NumberEnv, ScriptedNumberUser, answer, guessed_number, number_reward
+from rebelrl.types import Conversation
+
+
+@pytest.mark.parametrize("text, number", [("I guess 4.", 4), ("Is it 3 or 5?", 5), ("no idea", None), ("7", 7)])
+def test_guessed_number_is_the_last_integer(text, number):
+    assert guessed_number(text) == number
+
+
+def test_answers_follow_the_secret():
+    assert answer("4", secret=6, max_number=8) == "Higher."
+    assert answer("My guess: 7", secret=6, max_number=8) == "Lower."
+    assert answer("6!", secret=6, max_number=8) == "Correct!"
+    assert answer("hmm", secret=6, max_number=8) == "Please guess one whole number from 1 to 8."
+
+
+def test_reset_is_seeded_and_steps_end_on_a_correct_guess_or_the_horizon():
+    env = NumberEnv(horizon=2, max_number=8)
+    a, b = env.reset(20, seed=1), env.reset(20, seed=1)
+    assert [c.meta["number"] for c in a] == [c.meta["number"] for c in b]
+    assert [c.meta["number"] for c in env.reset(20, seed=2)] != [c.meta["number"] for c in a]
+    assert {c.meta["number"] for c in a} <= set(range(1, 9))
+    start = a[0]
+    n = start.meta["number"]
+    wrong = start.with_reply(str(n % 8 + 1))
+    (step,) = env.step([wrong])
+    assert not step.done and step.user_message in ("Higher.", "Lower.")
+    (step,) = env.step([start.with_reply(f"It is {n}.")])
+    assert step.done and step.reward == 1.0
+    two_turns = wrong.with_reply(step.user_message or "Lower.", role="user").with_reply(str(n % 8 + 1))
+    (step,) = env.step([two_turns])
+    assert step.done  # the horizon
+
+
+def test_halving_wins_every_game_in_four_turns():
+    """Binary search over 1..8 (guess the middle, follow Higher/Lower) finds every number by turn 4."""
+    user = ScriptedNumberUser(8)
+    for secret in range(1, 9):
+        conv, lo, hi = Conversation.from_prompt("play", meta={"number": secret}), 1, 8
+        for _ in range(4):
+            guess = (lo + hi) // 2
+            conv = conv.with_reply(str(guess))
+            reply = user.respond([conv])[0]
+            if reply == "Correct!":
+                break
+            lo, hi = (guess + 1, hi) if reply == "Higher." else (lo, guess - 1)
+            conv = conv.with_reply(reply, role="user")
+        assert number_reward([conv]) == [1.0], secret

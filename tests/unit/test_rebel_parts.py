@@ -90,3 +90,19 @@ def test_reasoning_gym_task_trains_through_the_cli(tmp_path):
     assert 0.0 <= row["score_mean"] <= 1.0 and row["loss"] == row["loss"]
     sample = read_jsonl(run / "eval_initial.jsonl")[0]
     assert "<answer>" in sample["prompt"]
+
+
+def test_lora_resume_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
+    import shutil
+
+    from tests.tiny_run import strip_timings
+
+    prompts = setup_task(tmp_path, monkeypatch)
+    common = ["train", *TINY_ARGS, f"task.prompts={prompts}", "iterations=3", "checkpoint.every=1", "model.lora_r=4"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main([*common, f"run_dir={full}"]) == 0
+    assert main([*common, f"run_dir={part}"]) == 0
+    shutil.rmtree(part / "checkpoints" / "iter-000003")  # as if killed before the last checkpoint
+    (part / "checkpoints" / "latest").write_text("iter-000002\n")
+    assert main([*common, f"run_dir={part}", "--resume"]) == 0
+    assert strip_timings(read_jsonl(part / "metrics.jsonl")) == strip_timings(read_jsonl(full / "metrics.jsonl"))

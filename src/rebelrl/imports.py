@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 
@@ -20,3 +21,17 @@ def import_object(spec: str, what: str) -> Any:
             raise ValueError(f"{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {part!r}")
         obj = getattr(obj, part)
     return obj
+
+
+def build_object(obj: Any, spec: str, what: str, kwargs: dict | None = None, **fixed: Any) -> Any:
+    """A class, or any callable given ``kwargs``, is called (with ``fixed`` and ``kwargs``) to build
+    the object; otherwise ``obj`` is the object itself. A class is always instantiated: using the
+    class itself as, say, a reward would silently "score" by constructing one instance per batch."""
+    if not (kwargs or inspect.isclass(obj)):
+        return obj
+    if not callable(obj):
+        raise ValueError(f"{what} {spec!r}: got kwargs {sorted(kwargs or {})} but {obj!r} is not callable")
+    try:
+        return obj(**fixed, **(kwargs or {}))
+    except TypeError as e:
+        raise ValueError(f"{what} {spec!r}: building it with kwargs {sorted({**fixed, **(kwargs or {})})} failed: {e}") from e

@@ -10,13 +10,12 @@ A dialogue of horizon ``H`` has at most ``H`` assistant turns (REFUEL, Gao et al
 
 from __future__ import annotations
 
-import inspect
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-from rebelrl.imports import import_object
+from rebelrl.imports import build_object, import_object
 from rebelrl.types import Conversation
 
 StartFn = Callable[[int, int], list[Conversation]]  # (n, seed) -> n starting conversations
@@ -186,15 +185,7 @@ def load_user_simulator(spec: str, kwargs: dict | None = None) -> UserSimulator:
     ``obj(**kwargs)``; a class is always instantiated; otherwise the object is the simulator itself.
     Whatever comes out must have a ``respond`` method.
     """
-    obj = import_object(spec, "user simulator")
-    if kwargs or inspect.isclass(obj):
-        if not callable(obj):
-            raise ValueError(f"user simulator {spec!r}: got kwargs {sorted(kwargs or {})} but {obj!r} is not callable")
-        try:
-            obj = obj(**(kwargs or {}))
-        except TypeError as e:
-            names = sorted(kwargs or {})
-            raise ValueError(f"user simulator {spec!r}: building it with kwargs {names} failed: {e}") from e
+    obj = build_object(import_object(spec, "user simulator"), spec, "user simulator", kwargs)
     if not callable(getattr(obj, "respond", None)):
         raise ValueError(f"user simulator {spec!r}: {type(obj).__name__} object has no respond(conversations) method")
     return obj

@@ -79,12 +79,11 @@ def _build_env(cfg):
         from rebelrl.envs.numbers import NumberEnv
 
         return NumberEnv(horizon=cfg.horizon, max_number=cfg.max_number, system_prompt=cfg.system_prompt)
-    from rebelrl.envs.base import import_object
+    from rebelrl.imports import build_object, import_object
 
     if not cfg.env:
         raise ValueError("task.name=env needs task.env: the import path module:attr of your Env (or of a factory)")
-    obj = import_object(cfg.env, "env")
-    env = obj(horizon=cfg.horizon, **cfg.env_kwargs) if cfg.env_kwargs or isinstance(obj, type) else obj
+    env = build_object(import_object(cfg.env, "env"), cfg.env, "env", cfg.env_kwargs, horizon=cfg.horizon)
     for method in ("reset", "step"):
         if not callable(getattr(env, method, None)):
             raise ValueError(f"env {cfg.env!r}: {type(env).__name__} has no {method}() method")

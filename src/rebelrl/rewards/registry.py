@@ -7,12 +7,11 @@ surfaces as an ``AttributeError`` deep inside the first rollout.
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from typing import TYPE_CHECKING, Any
 
-from rebelrl.imports import import_object
+from rebelrl.imports import build_object, import_object
 
 if TYPE_CHECKING:
     from rebelrl.rewards import RewardFn
@@ -45,14 +44,7 @@ def load_reward(spec: str, kwargs: dict | None = None) -> RewardFn:
     is always instantiated: using a class as the reward would silently "score" by constructing one
     instance per batch.
     """
-    obj = _resolve(spec)
-    if kwargs or inspect.isclass(obj):
-        if not callable(obj):
-            raise ValueError(f"reward {spec!r}: got kwargs {sorted(kwargs or {})} but {obj!r} is not callable")
-        try:
-            obj = obj(**(kwargs or {}))
-        except TypeError as e:
-            raise ValueError(f"reward {spec!r}: building it with kwargs {sorted(kwargs or {})} failed: {e}") from e
+    obj = build_object(_resolve(spec), spec, "reward", kwargs)
     if not callable(obj):
         raise ValueError(f"reward {spec!r}: {type(obj).__name__} object is not callable")
     return obj

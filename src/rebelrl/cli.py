@@ -52,19 +52,15 @@ def _train(cfg: TrainConfig) -> int:
 
 
 def _eval(cfg: EvalCommandConfig) -> int:
-    from rebelrl.envs import build_task
+    from rebelrl.envs import build_task, task_reward
     from rebelrl.eval import evaluate, save_samples
     from rebelrl.eval.dialogue import evaluate_dialogues, per_turn_table, save_dialogues
     from rebelrl.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
-    from rebelrl.rewards import load_reward
     from rebelrl.rollout import HFGenerator, SamplingParams
 
     print(to_yaml(cfg), file=sys.stderr)
     task = build_task(cfg.task)
-    reward_name = cfg.reward.fn or task.reward
-    if reward_name is None:
-        raise SystemExit("rebelrl eval: this task has no default reward: set reward.fn")
-    reward_fn = load_reward(reward_name, cfg.reward.kwargs)
+    _, reward_fn = task_reward(task, cfg.reward)
     baseline_name = cfg.baseline or DEFAULT_MODEL
     tokenizer = load_tokenizer(baseline_name)
     baseline = load_causal_lm(baseline_name, cfg.dtype)

@@ -16,11 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from rebelrl.config import to_yaml
-from rebelrl.envs import Task, build_task
-from rebelrl.eval import evaluate, load_sample_scores, read_jsonl, save_samples, score_rollout, write_report
+from rebelrl.envs import Task, build_task, task_reward
+from rebelrl.eval import evaluate, load_sample_scores, read_jsonl, save_samples, score_conversations, score_rollout, write_report
 from rebelrl.eval.dialogue import evaluate_dialogues, load_turn_scores, per_turn_table, plot_per_turn, save_dialogues
 from rebelrl.models import AdapterDisabled, apply_lora, load_causal_lm, load_tokenizer
-from rebelrl.rewards import RewardFn, apply_no_eos_penalty, check_scores, load_reward
+from rebelrl.rewards import RewardFn
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state, write_atomic
 from rebelrl.train.config import TrainConfig
@@ -53,7 +53,6 @@ class Run:
     metrics_log: JsonlLogger = None
     eval_log: JsonlLogger = None
     baseline_scores: torch.Tensor | None = None
-    history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     _bar: object = None
 
@@ -67,10 +66,7 @@ class Run:
         run_dir = Path(cfg.run_dir)
         checkpoint = _check_run_dir(run_dir, cfg.resume)
         task = build_task(cfg.task)
-        reward_name = cfg.reward.fn or task.reward
-        if reward_name is None:
-            raise ValueError(f"task {cfg.task.name!r} has no default reward: set reward.fn (a built-in name or module:function)")
-        reward_fn = load_reward(reward_name, cfg.reward.kwargs)
+        reward_name, reward_fn = task_reward(task, cfg.reward)
         _seed_everything(cfg.seed)
 
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +106,6 @@ class Run:
         self.eval_log.rewind(self.start_iteration)
         initial = self.run_dir / INITIAL_SAMPLES
         self.baseline_scores = load_turn_scores(initial) if self.task.env is not None else load_sample_scores(initial)
-        self.history = read_jsonl(self.metrics_log.path)
         self.evals = read_jsonl(self.eval_log.path)
         print(f"rebelrl: resumed from {checkpoint} (iteration {self.start_iteration})", file=sys.stderr)
 
@@ -140,9 +135,7 @@ class Run:
 
     def score_conversations(self, conversations, finished: torch.Tensor) -> torch.Tensor:
         """(N,) scores of whole conversations; ``finished`` (N,) flags the reply the penalty looks at."""
-        scores = check_scores(self.reward_fn(conversations), len(conversations), self.reward_name)
-        scores = apply_no_eos_penalty(scores, finished.tolist(), self.cfg.reward.no_eos_penalty)
-        return torch.tensor(scores, dtype=torch.float32)
+        return score_conversations(self.reward_fn, conversations, finished, self.cfg.reward.no_eos_penalty, self.reward_name)
 
     def clip_and_step(self) -> float:
         """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm."""
@@ -156,7 +149,6 @@ class Run:
     def end_iteration(self, iteration: int, metrics: dict) -> None:
         record = {"iteration": iteration, **metrics}
         self.metrics_log.log(record)
-        self.history.append(record)
         if self._bar is not None:
             self._bar.set_postfix(reward=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_to_ref']:.2f}", refresh=False)
         last = iteration == self.cfg.iterations

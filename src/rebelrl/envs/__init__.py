@@ -10,7 +10,7 @@ from rebelrl.envs.base import (
     load_user_simulator,
 )
 from rebelrl.envs.secret import CATALOG, ScriptedSecretUser, SecretEnv, secret_guessed_at, secret_reward
-from rebelrl.envs.tasks import Task, build_task
+from rebelrl.envs.tasks import Task, build_task, task_reward
 
 __all__ = [
     "CATALOG",
@@ -23,6 +23,7 @@ __all__ = [
     "UserSimulator",
     "UserSimulatorError",
     "build_task",
+    "task_reward",
     "count_assistant_turns",
     "load_user_simulator",
     "secret_guessed_at",

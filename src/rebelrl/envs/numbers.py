@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 
-from rebelrl.envs.base import StepResult, UserEnv
+from rebelrl.envs.base import UserEnv
 from rebelrl.types import Conversation
 
 _INTEGER = re.compile(r"-?\d+")
@@ -59,28 +59,21 @@ def number_reward(conversations: list[Conversation]) -> list[float]:
     return [float(guessed_number(c.last_assistant) == c.meta["number"]) for c in conversations]
 
 
-class NumberEnv:
+class NumberEnv(UserEnv):
     """The game as an ``Env``: ends at ``horizon`` replies or at the first correct guess."""
 
     def __init__(self, horizon: int = 4, max_number: int = 8, seed: int = 0, system_prompt: str | None = None):
         if max_number < 2:
             raise ValueError(f"max_number must be >= 2, got {max_number}")
-        self.horizon = horizon
         self.max_number = max_number
         self.seed = seed
         self.system_prompt = system_prompt
-        self._env = UserEnv(self._starts, ScriptedNumberUser(max_number), horizon, stop=_solved, reward=number_reward)
+        super().__init__(self._starts, ScriptedNumberUser(max_number), horizon, stop=_solved, reward=number_reward)
 
     def _starts(self, n: int, seed: int) -> list[Conversation]:
         rng = random.Random(f"number/{self.seed}/{seed}")  # str seeds hash the same in every process
         text = number_intro(self.max_number, self.horizon)
         return [Conversation.from_prompt(text, self.system_prompt, {"number": rng.randint(1, self.max_number)}) for _ in range(n)]
-
-    def reset(self, n: int, seed: int) -> list[Conversation]:
-        return self._env.reset(n, seed)
-
-    def step(self, conversations: list[Conversation]) -> list[StepResult]:
-        return self._env.step(conversations)
 
 
 def _solved(conversation: Conversation) -> bool:

@@ -202,7 +202,7 @@ def secret_intro(items: Sequence[str], horizon: int) -> str:
     )
 
 
-class SecretEnv:
+class SecretEnv(UserEnv):
     """The guessing game as an ``Env``: ``ScriptedSecretUser`` behind a ``UserEnv``.
 
     ``reset(n, seed)`` draws each secret uniformly from ``items`` (default: the whole catalog) with
@@ -222,24 +222,15 @@ class SecretEnv:
         unknown = [name for name in self.items if name not in CATALOG]
         if unknown or not self.items:
             raise ValueError(f"SecretEnv items must be a non-empty subset of {sorted(CATALOG)}; unknown: {unknown}")
-        self.horizon = horizon
         self.seed = seed
         self.system_prompt = system_prompt
-        self.user = ScriptedSecretUser()
-        self._env = UserEnv(self._starts, self.user, horizon, stop=_solved, reward=secret_reward)
+        super().__init__(self._starts, ScriptedSecretUser(), horizon, stop=_solved, reward=secret_reward)
 
     def _starts(self, n: int, seed: int) -> list[Conversation]:
         rng = random.Random(f"secret/{self.seed}/{seed}")  # str seeds hash the same in every process
         text = secret_intro(self.items, self.horizon)
         secrets = [rng.choice(self.items) for _ in range(n)]
         return [Conversation.from_prompt(text, self.system_prompt, {"secret": secret}) for secret in secrets]
-
-    def reset(self, n: int, seed: int) -> list[Conversation]:
-        return self._env.reset(n, seed)
-
-    def step(self, conversations: list[Conversation]) -> list[StepResult]:
-        return self._env.step(conversations)
-
 
 def _solved(conversation: Conversation) -> bool:
     return named_items(conversation.last_assistant) == [_secret_of(conversation)]

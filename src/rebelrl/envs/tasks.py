@@ -25,6 +25,16 @@ class Task:
     env: object | None = None  # multi-turn tasks: the Env whose user answers each assistant turn
 
 
+def task_reward(task: Task, reward_cfg):
+    """The reward a run uses: ``reward.fn`` if set, else the task's own. -> (name, reward function)."""
+    from rebelrl.rewards import load_reward
+
+    name = reward_cfg.fn or task.reward
+    if name is None:
+        raise ValueError(f"task {task.name!r} has no default reward: set reward.fn (a built-in name or module:function)")
+    return name, load_reward(name, reward_cfg.kwargs)
+
+
 def build_task(cfg) -> Task:
     """Prompts and default reward for ``cfg`` (a ``TaskConfig``); the held-out set never overlaps training."""
     if cfg.name == "chitchat-warm":

@@ -13,11 +13,18 @@ from rebelrl.rollout import Generator, SamplingParams
 from rebelrl.types import Conversation, Rollout
 
 
-def score_rollout(reward_fn: RewardFn, rollout: Rollout, no_eos_penalty: float | None, name: str = "reward") -> torch.Tensor:
-    """Task scores of every completion, the no-EOS penalty applied. -> (N,) float32."""
-    scores = check_scores(reward_fn(rollout.conversations), len(rollout), name)
-    scores = apply_no_eos_penalty(scores, rollout.finished.tolist(), no_eos_penalty)
+def score_conversations(
+    reward_fn: RewardFn, conversations: list[Conversation], finished: torch.Tensor, no_eos_penalty: float | None, name: str = "reward"
+) -> torch.Tensor:
+    """Checked task scores, the no-EOS penalty applied where ``finished`` (N,) is False. -> (N,) float32."""
+    scores = check_scores(reward_fn(conversations), len(conversations), name)
+    scores = apply_no_eos_penalty(scores, finished.tolist(), no_eos_penalty)
     return torch.tensor(scores, dtype=torch.float32)
+
+
+def score_rollout(reward_fn: RewardFn, rollout: Rollout, no_eos_penalty: float | None, name: str = "reward") -> torch.Tensor:
+    """Task scores of every completion of a rollout. -> (N,) float32."""
+    return score_conversations(reward_fn, rollout.conversations, rollout.finished, no_eos_penalty, name)
 
 
 def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:

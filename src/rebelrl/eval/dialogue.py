@@ -77,6 +77,8 @@ def evaluate_dialogues(
         torch.manual_seed(seed)
         dialogues = play(generator, env, starts, [horizon] * len(starts), params).conversations
     scores = turn_scores(reward_fn, dialogues, horizon)  # (N, H)
+    # Both sides on the re-rendered dialogue, not the sampler's log-probs: earlier turns are context
+    # re-tokenized from text, and the KL must compare the two models on the same tokens.
     policy = dialogue_logprobs(policy_model, tokenizer, dialogues, params.logprob_temperature)
     ref = dialogue_logprobs(ref_model, tokenizer, dialogues, params.logprob_temperature)
     turns = [sum(m.role == "assistant" for m in d.messages) for d in dialogues]

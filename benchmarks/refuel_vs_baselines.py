@@ -1,62 +1,136 @@
 """REFUEL against the single-turn baselines on the same multi-turn task, budget and seeds.
 
-Runs each config with ``rebelrl train`` (one after the other: they share the CPU) and prints the
-per-turn win rate against the initial policy of each method's final evaluation, the REFUEL paper's
-table. Every run starts from the same model and evaluates the same held-out games with the same
-sampling seed, so all win rates are against the same initial dialogues.
+Runs each config with ``rebelrl train`` (one after the other: they share the CPU) and prints, for
+each method's final evaluation, the win rate against the initial policy at every turn h (the REFUEL
+paper's table) and the fraction of games solved by turn h, each with its standard error over the
+held-out games (and seeds). Every run starts from the same model and plays the same held-out games
+with the same sampling seed, so all win rates are against the same initial dialogues. The per-turn
+curves are saved as ``per_turn.png`` next to the runs.
 
-    python benchmarks/refuel_vs_baselines.py                  # guess-my-number, configs/number_*.yaml
-    python benchmarks/refuel_vs_baselines.py --task secret    # the secret-animal game, configs/secret_*.yaml
-    python benchmarks/refuel_vs_baselines.py iterations=4     # overrides go to every run
+    python benchmarks/refuel_vs_baselines.py                   # guess-my-number with hints, configs/hint_*.yaml
+    python benchmarks/refuel_vs_baselines.py --task number     # plain guess-my-number, configs/number_*.yaml
+    python benchmarks/refuel_vs_baselines.py --seeds 0 1 2     # three training seeds per method
+    python benchmarks/refuel_vs_baselines.py iterations=4      # overrides go to every run
+
+A run whose report exists is read, not retrained; one with checkpoints but no report is resumed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from rebelrl.eval.dialogue import load_turn_scores  # noqa: E402
+
 METHODS = {"REFUEL": "refuel", "single-turn REBEL": "rebel_turn", "single-turn DPO": "dpo_turn"}  # configs/{task}_{name}.yaml
 
 
-def last_eval(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
-    return rows[-1]
+def game_outcomes(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H) win outcomes against the initial policy (1, 0.5 for a tie, 0) and (N, H) turn scores of
+    the run's last evaluation; games in the same order as the initial evaluation's."""
+    initial = load_turn_scores(run_dir / "eval_initial.jsonl")
+    final = load_turn_scores(run_dir / "eval_samples_latest.jsonl")
+    if initial.shape != final.shape:
+        raise ValueError(f"{run_dir}: initial and final evaluations differ in shape {tuple(initial.shape)} vs {tuple(final.shape)}")
+    return (final > initial).float() + 0.5 * (final == initial).float(), final
 
 
-def table(results: dict[str, dict], horizon: int) -> str:
-    head = "| method | " + " | ".join(f"h={h}" for h in range(1, horizon + 1)) + " | reward at H | KL to ref |"
-    lines = [head, "|---" * (horizon + 3) + "|"]
-    for name, e in results.items():
-        cells = [f"{e[f'win_rate_turn_{h}']:.3f}" for h in range(1, horizon + 1)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {e['reward_mean']:.3f} | {e['kl_to_ref']:.2f} |")
+def mean_se(x: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the mean over the first dimension."""
+    n = x.shape[0]
+    return x.mean().item(), (x.std(unbiased=True).item() / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def summarize(run_dirs: list[Path]) -> dict:
+    wins, scores, kls = [], [], []
+    for run_dir in run_dirs:
+        w, s = game_outcomes(run_dir)
+        wins.append(w)
+        scores.append(s)
+        rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+        kls.append(rows[-1]["kl_to_ref"])
+    wins, scores = torch.cat(wins), torch.cat(scores)  # (N * seeds, H)
+    horizon = wins.shape[1]
+    return {
+        "win": [mean_se(wins[:, h]) for h in range(horizon)],
+        "solved": [mean_se(scores[:, h]) for h in range(horizon)],
+        "kl": sum(kls) / len(kls),
+        "games": wins.shape[0],
+    }
+
+
+def table(results: dict[str, dict], initial_solved: list[float]) -> str:
+    horizon = len(initial_solved)
+    head = "| method | " + " | ".join(f"win rate h={h}" for h in range(1, horizon + 1))
+    head += " | " + " | ".join(f"solved by h={h}" for h in range(1, horizon + 1)) + " | KL to ref |"
+    lines = [head, "|---" * (2 * horizon + 2) + "|"]
+    cells = ["0.500"] * horizon + [f"{v:.3f}" for v in initial_solved]
+    lines.append("| initial policy | " + " | ".join(cells) + " | 0 |")
+    for name, r in results.items():
+        cells = [f"{m:.3f} ± {se:.3f}" for m, se in r["win"]] + [f"{m:.3f} ± {se:.3f}" for m, se in r["solved"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['kl']:.2f} |")
     return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for name, r in results.items():
+        turns = list(range(1, len(r["win"]) + 1))
+        ax.errorbar(turns, [m for m, _ in r["win"]], yerr=[se for _, se in r["win"]], marker="o", capsize=3, label=name)
+        ax.set_xticks(turns)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("turn h")
+    ax.set_ylabel("win rate vs initial policy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Per-turn win rate (± standard error)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=["number", "secret"], default="number", help="configs/{task}_*.yaml")
+    parser.add_argument("--task", choices=["hint", "number", "secret"], default="hint", help="configs/{task}_*.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds per method (default: 0)")
     parser.add_argument("--out", default=None, help="parent folder of the runs (default runs/compare-{task})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
-    results, horizon = {}, None
     out = Path(args.out or f"runs/compare-{args.task}")
+    results, initial = {}, None
     for name, suffix in METHODS.items():
-        config = f"configs/{args.task}_{suffix}.yaml"
-        run_dir = out / suffix
-        if not (run_dir / "report.md").exists():
-            cmd = [sys.executable, "-m", "rebelrl.cli", "train", str(ROOT / config), f"run_dir={run_dir}", *args.overrides]
+        config = ROOT / f"configs/{args.task}_{suffix}.yaml"
+        run_dirs = []
+        for seed in args.seeds:
+            run_dir = out / (suffix if args.seeds == [0] else f"{suffix}-seed{seed}")
+            run_dirs.append(run_dir)
+            if (run_dir / "report.md").exists():
+                continue
+            cmd = [sys.executable, "-m", "rebelrl.cli", "train", str(config), f"run_dir={run_dir}", f"seed={seed}", *args.overrides]
             if (run_dir / "checkpoints").exists():
                 cmd.append("--resume")
-            print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
+            print(f"== {name}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
             subprocess.run(cmd, check=True)
-        results[name] = last_eval(run_dir)
-        horizon = sum(key.startswith("win_rate_turn_") for key in results[name])
-    print("\nwin rate against the initial policy at each turn h (final evaluation):\n")
-    print(table(results, horizon))
+        results[name] = summarize(run_dirs)
+        if initial is None:
+            initial = load_turn_scores(run_dirs[0] / "eval_initial.jsonl").mean(0).tolist()
+    games = results["REFUEL"]["games"]
+    print(f"\nFinal evaluation against the initial policy, {games} held-out games (x seeds), mean ± standard error:\n")
+    print(table(results, initial))
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, out / "per_turn.png")
+    print(f"\nplot: {out / 'per_turn.png'}")
 
 
 if __name__ == "__main__":

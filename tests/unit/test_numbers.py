@@ -48,3 +48,29 @@ def test_halving_wins_every_game_in_four_turns():
             lo, hi = (guess + 1, hi) if reply == "Higher." else (lo, guess - 1)
             conv = conv.with_reply(reply, role="user")
         assert number_reward([conv]) == [1.0], secret
+
+
+def test_with_hints_a_reply_without_a_number_is_told_the_number():
+    assert answer("Can I have a hint?", secret=6, max_number=8, hints=True) == "Hint: my number is 6."
+    assert answer("4", secret=6, max_number=8, hints=True) == "Higher."  # guesses play as before
+    env = NumberEnv(horizon=3, max_number=8, hints=True)
+    (start,) = env.reset(1, seed=0)
+    assert "ask me for a hint" in start.messages[-1].content and "3 turns" in start.messages[-1].content
+    n = start.meta["number"]
+    (step,) = env.step([start.with_reply("A hint, please.")])
+    assert not step.done and step.user_message == f"Hint: my number is {n}."
+
+
+def test_with_hints_asking_first_wins_every_game_while_one_guess_wins_one_in_n():
+    """The planning gap: the hint earns nothing on its turn and a sure win on the next; a first guess
+    earns 1/N on its own turn, which is all a single-turn score sees."""
+    user = ScriptedNumberUser(8, hints=True)
+    asked, guessed = [], []
+    for secret in range(1, 9):
+        start = Conversation.from_prompt("play", meta={"number": secret})
+        ask = start.with_reply("hint?")
+        told = ask.with_reply(user.respond([ask])[0], role="user").with_reply(str(secret))
+        asked.append(number_reward([ask])[0] + number_reward([told])[0])
+        guessed.append(number_reward([start.with_reply("4")])[0])
+    assert asked == [1.0] * 8
+    assert sum(guessed) == 1.0

@@ -7,6 +7,13 @@ single-turn method that scores each reply on its own turn sees every first guess
 and cannot learn the halving; REFUEL, scoring the future of each guess, can. Small models name
 numbers readily, which makes this the cheaper of the two planning tasks to learn on a CPU.
 
+With ``hints=True`` the player may also ask for a hint instead of guessing: a reply with no number
+in it is answered with the number itself ("Hint: my number is 6."). Asking scores nothing on its
+turn, while a guess is right one time in N, so a method that judges each reply on its own turn
+learns to guess; the hint pays one turn later, when repeating the number wins every game. This is
+the planning gap in its plainest form: a question whose value lies entirely in the future, and an
+action a 135M-parameter model can learn on a CPU (repeating a number it was just told).
+
 ``ScriptedNumberUser`` reads the last integer of each reply, deterministically, with no model.
 """
 
@@ -27,7 +34,13 @@ def guessed_number(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def number_intro(max_number: int, horizon: int) -> str:
+def number_intro(max_number: int, horizon: int, hints: bool = False) -> str:
+    if hints:
+        turns = "1 turn" if horizon == 1 else f"{horizon} turns"
+        return (
+            f"Let's play a game. I am thinking of a whole number from 1 to {max_number}. You have {turns}. "
+            "In each turn, either guess the number or ask me for a hint. Reply with your guess."
+        )
     turns = "1 guess" if horizon == 1 else f"{horizon} guesses"
     return (
         f"Let's play a game. I am thinking of a whole number from 1 to {max_number}. You have {turns}. "
@@ -35,9 +48,13 @@ def number_intro(max_number: int, horizon: int) -> str:
     )
 
 
-def answer(text: str, secret: int, max_number: int) -> str:
+def answer(text: str, secret: int, max_number: int, hints: bool = False) -> str:
+    """The user's reply to ``text``: Higher/Lower/Correct for a guess; for a reply with no number, the
+    number itself when ``hints`` (any such reply counts as asking), else a request to guess."""
     guess = guessed_number(text)
     if guess is None:
+        if hints:
+            return f"Hint: my number is {secret}."
         return f"Please guess one whole number from 1 to {max_number}."
     if guess == secret:
         return "Correct!"
@@ -47,11 +64,12 @@ def answer(text: str, secret: int, max_number: int) -> str:
 class ScriptedNumberUser:
     """``UserSimulator`` that holds ``meta["number"]`` and answers each guess."""
 
-    def __init__(self, max_number: int):
+    def __init__(self, max_number: int, hints: bool = False):
         self.max_number = max_number
+        self.hints = hints
 
     def respond(self, conversations: list[Conversation]) -> list[str]:
-        return [answer(c.last_assistant, c.meta["number"], self.max_number) for c in conversations]
+        return [answer(c.last_assistant, c.meta["number"], self.max_number, self.hints) for c in conversations]
 
 
 def number_reward(conversations: list[Conversation]) -> list[float]:
@@ -62,17 +80,20 @@ def number_reward(conversations: list[Conversation]) -> list[float]:
 class NumberEnv(UserEnv):
     """The game as an ``Env``: ends at ``horizon`` replies or at the first correct guess."""
 
-    def __init__(self, horizon: int = 4, max_number: int = 8, seed: int = 0, system_prompt: str | None = None):
+    def __init__(
+        self, horizon: int = 4, max_number: int = 8, seed: int = 0, system_prompt: str | None = None, hints: bool = False
+    ):
         if max_number < 2:
             raise ValueError(f"max_number must be >= 2, got {max_number}")
         self.max_number = max_number
         self.seed = seed
         self.system_prompt = system_prompt
-        super().__init__(self._starts, ScriptedNumberUser(max_number), horizon, stop=_solved, reward=number_reward)
+        self.hints = hints
+        super().__init__(self._starts, ScriptedNumberUser(max_number, hints), horizon, stop=_solved, reward=number_reward)
 
     def _starts(self, n: int, seed: int) -> list[Conversation]:
         rng = random.Random(f"number/{self.seed}/{seed}")  # str seeds hash the same in every process
-        text = number_intro(self.max_number, self.horizon)
+        text = number_intro(self.max_number, self.horizon, self.hints)
         return [Conversation.from_prompt(text, self.system_prompt, {"number": rng.randint(1, self.max_number)}) for _ in range(n)]
 
 

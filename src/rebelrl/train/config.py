@@ -30,7 +30,7 @@ class TaskConfig:
         "chitchat-warm: reply warmly to opening lines of real chats (VADER reward); reasoning-gym: a "
         "reasoning-gym dataset with its answer checker; prompts: your own prompt file; chitchat-dialogue: "
         "multi-turn chitchat-warm with a simulated user; secret: multi-turn, find the user's secret animal "
-        "by asking questions; guess-number: multi-turn, find the user's number from higher/lower answers; "
+        "by asking questions; guess-number: multi-turn, find the user's number from higher/lower answers (and hints, with task.hints); "
         "env: your own multi-turn Env (task.env)",
     )
     prompts: str | None = field(None, "task=prompts: training prompts (.jsonl, .parquet, a saved datasets folder, or hf:NAME[:SPLIT])")
@@ -44,6 +44,7 @@ class TaskConfig:
     horizon: int = field(5, "multi-turn tasks: assistant turns per dialogue (H)")
     items: list[str] = field([], "task=secret: the animals a secret is drawn from; empty = the whole catalog")
     max_number: int = field(8, "task=guess-number: the number is drawn from 1..max_number")
+    hints: bool = field(False, "task=guess-number: a reply with no number asks for a hint, and the user tells the number")
     user: str | None = field(None, "task=chitchat-dialogue: your own UserSimulator (module:attr); null = an LM plays the user")
     user_kwargs: dict = field({}, "keyword arguments for task.user (a factory or class)")
     user_model: str = field(DEFAULT_MODEL, "task=chitchat-dialogue: the model that plays the user when task.user is null")

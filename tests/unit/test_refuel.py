@@ -162,3 +162,39 @@ def test_refuel_config_errors():
         load_config(TrainConfig, None, ["algo=refuel"])
     with pytest.raises(ConfigError, match="samples_per_prompt must be 2"):
         load_config(TrainConfig, None, ["algo=refuel", "task.name=secret", "rollout.samples_per_prompt=4"])
+
+
+class HintThenRepeat:
+    """A scripted ``Generator`` for guess-number with hints: asks for a hint, then repeats the number it was told."""
+
+    def generate(self, prompts, n, params):
+        from types import SimpleNamespace
+
+        replies = []
+        for c in prompts:
+            last = c.messages[-1].content
+            reply = last.removeprefix("Hint: my number is ").rstrip(".") if last.startswith("Hint:") else "A hint, please."
+            replies += [c.with_reply(reply)] * n
+        return SimpleNamespace(conversations=replies)
+
+
+def test_the_future_target_values_a_hint_that_the_turn_target_scores_zero():
+    """What separates REFUEL from the single-turn baselines on guess-number with hints: judged at its
+    own turn a hint is worth 0 and a guess 1/8; judged one turn later (the policy plays on) the hint
+    wins every game and the guess still only one in eight."""
+    from types import SimpleNamespace
+
+    from rebelrl.algos.refuel import continue_branches
+    from rebelrl.envs.numbers import NumberEnv, number_reward
+
+    env = NumberEnv(horizon=3, max_number=8, hints=True)
+    starts = [Conversation.from_prompt("play", meta={"number": k}) for k in range(1, 9)]
+    asked = [s.with_reply("A hint, please.") for s in starts]
+    guessed = [s.with_reply("4") for s in starts]
+    assert number_reward(asked) == [0.0] * 8  # target=turn
+    assert sum(number_reward(guessed)) == 1.0
+    run = SimpleNamespace(generator=HintThenRepeat(), sampling=SamplingParams(1.0, max_new_tokens=4))
+    future = continue_branches(run, env, asked + guessed, [1] * 16)  # target=future, L = h + 1
+    assert number_reward(future[:8]) == [1.0] * 8
+    assert sum(number_reward(future[8:])) == 1.0
+    assert [m.content for m in future[2].messages[1:]] == ["A hint, please.", "Hint: my number is 3.", "3"]

@@ -74,3 +74,26 @@ def test_with_hints_asking_first_wins_every_game_while_one_guess_wins_one_in_n()
         guessed.append(number_reward([start.with_reply("4")])[0])
     assert asked == [1.0] * 8
     assert sum(guessed) == 1.0
+
+
+def test_rounds_hold_one_number_after_another_and_the_reward_counts_those_found():
+    env = NumberEnv(horizon=4, max_number=8, hints=True, rounds=4)
+    (start,) = env.reset(1, seed=3)
+    numbers = start.meta["numbers"]
+    assert len(numbers) == 4 and "think of a new one" in start.messages[-1].content
+    conv = start
+    for turn, reply in enumerate(["hint?", str(numbers[0]), "hint?", str(numbers[1])], start=1):
+        conv = conv.with_reply(reply)
+        assert number_reward([conv]) == [float(turn // 2)]
+        (step,) = env.step([conv])
+        if turn == 4:
+            assert step.done and step.reward == 2.0  # the horizon
+            break
+        assert not step.done
+        conv = conv.with_reply(step.user_message, role="user")
+    users = [m.content for m in conv.messages if m.role == "user"][1:]
+    assert users == [f"Hint: my number is {numbers[0]}.", "Correct! I am thinking of a new number from 1 to 8.", f"Hint: my number is {numbers[1]}."]
+    # a guess of the found number no longer counts: only the current number can be found
+    assert number_reward([start.with_reply(str(numbers[1]))]) == [float(numbers[1] == numbers[0])]
+    (last,) = NumberEnv(horizon=4, max_number=8, rounds=2).step([Conversation.from_prompt("p", meta={"numbers": [3, 5]}).with_reply("3").with_reply("ok", role="user").with_reply("5")])
+    assert last.done and last.user_message is None and last.reward == 2.0  # all numbers found ends the game

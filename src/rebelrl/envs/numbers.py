@@ -34,17 +34,19 @@ def guessed_number(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def number_intro(max_number: int, horizon: int, hints: bool = False) -> str:
+def number_intro(max_number: int, horizon: int, hints: bool = False, rounds: int = 1) -> str:
     if hints:
         turns = "1 turn" if horizon == 1 else f"{horizon} turns"
+        more = " Each time you find my number, you score a point and I think of a new one." if rounds > 1 else ""
         return (
             f"Let's play a game. I am thinking of a whole number from 1 to {max_number}. You have {turns}. "
-            "In each turn, either guess the number or ask me for a hint. Reply with your guess."
+            f"In each turn, either guess the number or ask me for a hint.{more} Reply with your guess."
         )
     turns = "1 guess" if horizon == 1 else f"{horizon} guesses"
+    more = " Each time you find my number, I think of a new one." if rounds > 1 else ""
     return (
         f"Let's play a game. I am thinking of a whole number from 1 to {max_number}. You have {turns}. "
-        "Each time, guess one number; I will answer Higher, Lower or Correct. Reply with your guess."
+        f"Each time, guess one number; I will answer Higher, Lower or Correct.{more} Reply with your guess."
     )
 
 
@@ -61,41 +63,84 @@ def answer(text: str, secret: int, max_number: int, hints: bool = False) -> str:
     return "Higher." if secret > guess else "Lower."
 
 
+def secret_numbers(conversation: Conversation) -> list[int]:
+    """The numbers the user holds, in order: ``meta["numbers"]``, or ``[meta["number"]]`` for one round."""
+    meta = conversation.meta
+    return list(meta["numbers"]) if "numbers" in meta else [meta["number"]]
+
+
+def numbers_found(conversation: Conversation) -> int:
+    """How many of the user's numbers the assistant found: each reply that guesses the current number
+    finds it, and the next one becomes current."""
+    numbers, found = secret_numbers(conversation), 0
+    for message in conversation.messages:
+        if message.role == "assistant" and found < len(numbers) and guessed_number(message.content) == numbers[found]:
+            found += 1
+    return found
+
+
 class ScriptedNumberUser:
-    """``UserSimulator`` that holds ``meta["number"]`` and answers each guess."""
+    """``UserSimulator`` that holds the numbers of ``secret_numbers`` and answers each guess about the
+    current one; after a find that leaves more, it says so and moves to the next."""
 
     def __init__(self, max_number: int, hints: bool = False):
         self.max_number = max_number
         self.hints = hints
 
     def respond(self, conversations: list[Conversation]) -> list[str]:
-        return [answer(c.last_assistant, c.meta["number"], self.max_number, self.hints) for c in conversations]
+        return [self._respond(c) for c in conversations]
+
+    def _respond(self, conversation: Conversation) -> str:
+        numbers, found = secret_numbers(conversation), numbers_found(conversation)
+        if found and guessed_number(conversation.last_assistant) == numbers[found - 1]:  # this reply found one
+            if found == len(numbers):
+                return "Correct!"
+            return f"Correct! I am thinking of a new number from 1 to {self.max_number}."
+        return answer(conversation.last_assistant, numbers[found], self.max_number, self.hints)
 
 
 def number_reward(conversations: list[Conversation]) -> list[float]:
-    """1.0 if the last assistant reply guesses the number held in ``meta["number"]``, else 0.0."""
-    return [float(guessed_number(c.last_assistant) == c.meta["number"]) for c in conversations]
+    """The numbers found (``numbers_found``): with one round, 1.0 if the dialogue guessed the number, else 0.0."""
+    return [float(numbers_found(c)) for c in conversations]
 
 
 class NumberEnv(UserEnv):
-    """The game as an ``Env``: ends at ``horizon`` replies or at the first correct guess."""
+    """The game as an ``Env``: ends at ``horizon`` replies or when all ``rounds`` numbers are found.
+
+    ``rounds`` > 1 holds that many numbers, one after another (``meta["numbers"]``); the reward counts
+    the numbers found, so a policy that finds one every two turns scores about h/2 by turn h.
+    """
 
     def __init__(
-        self, horizon: int = 4, max_number: int = 8, seed: int = 0, system_prompt: str | None = None, hints: bool = False
+        self,
+        horizon: int = 4,
+        max_number: int = 8,
+        seed: int = 0,
+        system_prompt: str | None = None,
+        hints: bool = False,
+        rounds: int = 1,
     ):
         if max_number < 2:
             raise ValueError(f"max_number must be >= 2, got {max_number}")
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
         self.max_number = max_number
         self.seed = seed
         self.system_prompt = system_prompt
         self.hints = hints
+        self.rounds = rounds
         super().__init__(self._starts, ScriptedNumberUser(max_number, hints), horizon, stop=_solved, reward=number_reward)
 
     def _starts(self, n: int, seed: int) -> list[Conversation]:
         rng = random.Random(f"number/{self.seed}/{seed}")  # str seeds hash the same in every process
-        text = number_intro(self.max_number, self.horizon, self.hints)
-        return [Conversation.from_prompt(text, self.system_prompt, {"number": rng.randint(1, self.max_number)}) for _ in range(n)]
+        text = number_intro(self.max_number, self.horizon, self.hints, self.rounds)
+        starts = []
+        for _ in range(n):
+            numbers = [rng.randint(1, self.max_number) for _ in range(self.rounds)]
+            meta = {"number": numbers[0]} if self.rounds == 1 else {"numbers": numbers}
+            starts.append(Conversation.from_prompt(text, self.system_prompt, meta))
+        return starts
 
 
 def _solved(conversation: Conversation) -> bool:
-    return guessed_number(conversation.last_assistant) == conversation.meta["number"]
+    return numbers_found(conversation) == len(secret_numbers(conversation))

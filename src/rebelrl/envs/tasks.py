@@ -88,7 +88,7 @@ def _build_env(cfg):
     if cfg.name == "guess-number":
         from rebelrl.envs.numbers import NumberEnv
 
-        return NumberEnv(horizon=cfg.horizon, max_number=cfg.max_number, system_prompt=cfg.system_prompt, hints=cfg.hints)
+        return NumberEnv(horizon=cfg.horizon, max_number=cfg.max_number, system_prompt=cfg.system_prompt, hints=cfg.hints, rounds=cfg.rounds)
     from rebelrl.imports import build_object, import_object
 
     if not cfg.env:

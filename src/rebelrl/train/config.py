@@ -45,6 +45,7 @@ class TaskConfig:
     items: list[str] = field([], "task=secret: the animals a secret is drawn from; empty = the whole catalog")
     max_number: int = field(8, "task=guess-number: the number is drawn from 1..max_number")
     hints: bool = field(False, "task=guess-number: a reply with no number asks for a hint, and the user tells the number")
+    rounds: int = field(1, "task=guess-number: numbers the user holds one after another; the reward counts those found")
     user: str | None = field(None, "task=chitchat-dialogue: your own UserSimulator (module:attr); null = an LM plays the user")
     user_kwargs: dict = field({}, "keyword arguments for task.user (a factory or class)")
     user_model: str = field(DEFAULT_MODEL, "task=chitchat-dialogue: the model that plays the user when task.user is null")

@@ -2,7 +2,7 @@
 
 Runs each config with ``rebelrl train`` (one after the other: they share the CPU) and prints, for
 each method's final evaluation, the win rate against the initial policy at every turn h (the REFUEL
-paper's table) and the fraction of games solved by turn h, each with its standard error over the
+paper's table) and the reward of the dialogue cut after turn h, each with its standard error over the
 held-out games (and seeds). Every run starts from the same model and plays the same held-out games
 with the same sampling seed, so all win rates are against the same initial dialogues. The per-turn
 curves are saved as ``per_turn.png`` next to the runs.
@@ -62,21 +62,21 @@ def summarize(run_dirs: list[Path]) -> dict:
     horizon = wins.shape[1]
     return {
         "win": [mean_se(wins[:, h]) for h in range(horizon)],
-        "solved": [mean_se(scores[:, h]) for h in range(horizon)],
+        "reward": [mean_se(scores[:, h]) for h in range(horizon)],
         "kl": sum(kls) / len(kls),
         "games": wins.shape[0],
     }
 
 
-def table(results: dict[str, dict], initial_solved: list[float]) -> str:
-    horizon = len(initial_solved)
+def table(results: dict[str, dict], initial_reward: list[float]) -> str:
+    horizon = len(initial_reward)
     head = "| method | " + " | ".join(f"win rate h={h}" for h in range(1, horizon + 1))
-    head += " | " + " | ".join(f"solved by h={h}" for h in range(1, horizon + 1)) + " | KL to ref |"
+    head += " | " + " | ".join(f"reward at h={h}" for h in range(1, horizon + 1)) + " | KL to ref |"
     lines = [head, "|---" * (2 * horizon + 2) + "|"]
-    cells = ["0.500"] * horizon + [f"{v:.3f}" for v in initial_solved]
+    cells = ["0.500"] * horizon + [f"{v:.3f}" for v in initial_reward]
     lines.append("| initial policy | " + " | ".join(cells) + " | 0 |")
     for name, r in results.items():
-        cells = [f"{m:.3f} ± {se:.3f}" for m, se in r["win"]] + [f"{m:.3f} ± {se:.3f}" for m, se in r["solved"]]
+        cells = [f"{m:.3f} ± {se:.3f}" for m, se in r["win"]] + [f"{m:.3f} ± {se:.3f}" for m, se in r["reward"]]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['kl']:.2f} |")
     return "\n".join(lines)
 

@@ -1,14 +1,15 @@
 """REFUEL against the single-turn baselines on the same multi-turn task, budget and seeds.
 
-Runs each config with ``rebelrl train`` (one after the other: they share the CPU) and prints, for
+Trains each method with ``rebelrl train`` on ``configs/{task}.yaml`` (one after the other: they share
+the CPU); the baselines are that config with the overrides in ``METHODS``. It prints, for
 each method's final evaluation, the win rate against the initial policy at every turn h (the REFUEL
 paper's table) and the reward of the dialogue cut after turn h, each with its standard error over the
 held-out games (and seeds). Every run starts from the same model and plays the same held-out games
 with the same sampling seed, so all win rates are against the same initial dialogues. The per-turn
 curves are saved as ``per_turn.png`` next to the runs.
 
-    python benchmarks/refuel_vs_baselines.py                   # guess-my-number with hints, configs/hint_*.yaml
-    python benchmarks/refuel_vs_baselines.py --task number     # plain guess-my-number, configs/number_*.yaml
+    python benchmarks/refuel_vs_baselines.py                   # guess-my-number with hints, configs/hint.yaml
+    python benchmarks/refuel_vs_baselines.py --task number     # plain guess-my-number, configs/number.yaml
     python benchmarks/refuel_vs_baselines.py --seeds 0 1 2     # three training seeds per method
     python benchmarks/refuel_vs_baselines.py iterations=4      # overrides go to every run
 
@@ -18,7 +19,6 @@ A run whose report exists is read, not retrained; one with checkpoints but no re
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import subprocess
 import sys
@@ -29,19 +29,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from rebelrl.eval import read_jsonl, win_outcomes  # noqa: E402
 from rebelrl.eval.dialogue import load_turn_scores  # noqa: E402
 
-METHODS = {"REFUEL": "refuel", "single-turn REBEL": "rebel_turn", "single-turn DPO": "dpo_turn"}  # configs/{task}_{name}.yaml
-
-
-def game_outcomes(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, H) win outcomes against the initial policy (1, 0.5 for a tie, 0) and (N, H) turn scores of
-    the run's last evaluation; games in the same order as the initial evaluation's."""
-    initial = load_turn_scores(run_dir / "eval_initial.jsonl")
-    final = load_turn_scores(run_dir / "eval_samples_latest.jsonl")
-    if initial.shape != final.shape:
-        raise ValueError(f"{run_dir}: initial and final evaluations differ in shape {tuple(initial.shape)} vs {tuple(final.shape)}")
-    return (final > initial).float() + 0.5 * (final == initial).float(), final
+SINGLE_TURN = ["refuel.rollin=reference", "refuel.target=turn"]  # earlier turns fixed, each reply judged at its turn
+METHODS = {  # name: (run folder, overrides of configs/{task}.yaml)
+    "REFUEL": ("refuel", []),
+    "single-turn REBEL": ("rebel_turn", SINGLE_TURN),
+    "single-turn DPO": ("dpo_turn", [*SINGLE_TURN, "refuel.loss=dpo"]),
+}
 
 
 def mean_se(x: torch.Tensor) -> tuple[float, float]:
@@ -51,24 +47,24 @@ def mean_se(x: torch.Tensor) -> tuple[float, float]:
 
 
 def summarize(run_dirs: list[Path]) -> dict:
-    wins, scores, kls = [], [], []
-    for run_dir in run_dirs:
-        w, s = game_outcomes(run_dir)
-        wins.append(w)
-        scores.append(s)
-        rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
-        kls.append(rows[-1]["kl_to_ref"])
-    wins, scores = torch.cat(wins), torch.cat(scores)  # (N * seeds, H)
+    """Per-turn win rate against the initial policy and reward of the runs' last evaluations, each
+    game (and seed) one sample; the initial evaluation's per-turn reward; the mean KL to the reference."""
+    initial = torch.cat([load_turn_scores(d / "eval_initial.jsonl") for d in run_dirs])  # (N * seeds, H)
+    final = torch.cat([load_turn_scores(d / "eval_samples_latest.jsonl") for d in run_dirs])
+    wins = win_outcomes(final, initial)
+    kls = [read_jsonl(d / "eval.jsonl")[-1]["kl_to_ref"] for d in run_dirs]
     horizon = wins.shape[1]
     return {
         "win": [mean_se(wins[:, h]) for h in range(horizon)],
-        "reward": [mean_se(scores[:, h]) for h in range(horizon)],
+        "reward": [mean_se(final[:, h]) for h in range(horizon)],
+        "initial_reward": initial.mean(0).tolist(),
         "kl": sum(kls) / len(kls),
         "games": wins.shape[0],
     }
 
 
-def table(results: dict[str, dict], initial_reward: list[float]) -> str:
+def table(results: dict[str, dict]) -> str:
+    initial_reward = next(iter(results.values()))["initial_reward"]  # every run starts from the same policy
     horizon = len(initial_reward)
     head = "| method | " + " | ".join(f"win rate h={h}" for h in range(1, horizon + 1))
     head += " | " + " | ".join(f"reward at h={h}" for h in range(1, horizon + 1)) + " | KL to ref |"
@@ -102,32 +98,30 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=["hint", "number", "secret"], default="hint", help="configs/{task}_*.yaml")
+    parser.add_argument("--task", choices=["hint", "number", "secret"], default="hint", help="configs/{task}.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds per method (default: 0)")
     parser.add_argument("--out", default=None, help="parent folder of the runs (default runs/compare-{task})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     out = Path(args.out or f"runs/compare-{args.task}")
-    results, initial = {}, None
-    for name, suffix in METHODS.items():
-        config = ROOT / f"configs/{args.task}_{suffix}.yaml"
+    config = ROOT / f"configs/{args.task}.yaml"
+    results = {}
+    for name, (suffix, method_overrides) in METHODS.items():
         run_dirs = []
         for seed in args.seeds:
             run_dir = out / (suffix if args.seeds == [0] else f"{suffix}-seed{seed}")
             run_dirs.append(run_dir)
             if (run_dir / "report.md").exists():
                 continue
-            cmd = [sys.executable, "-m", "rebelrl.cli", "train", str(config), f"run_dir={run_dir}", f"seed={seed}", *args.overrides]
+            cmd = [sys.executable, "-m", "rebelrl.cli", "train", str(config), f"run_dir={run_dir}", f"seed={seed}", *method_overrides, *args.overrides]
             if (run_dir / "checkpoints").exists():
                 cmd.append("--resume")
             print(f"== {name}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
             subprocess.run(cmd, check=True)
         results[name] = summarize(run_dirs)
-        if initial is None:
-            initial = load_turn_scores(run_dirs[0] / "eval_initial.jsonl").mean(0).tolist()
     games = results["REFUEL"]["games"]
     print(f"\nFinal evaluation against the initial policy, {games} held-out games (x seeds), mean ± standard error:\n")
-    print(table(results, initial))
+    print(table(results))
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "per_turn.png")
     print(f"\nplot: {out / 'per_turn.png'}")

@@ -70,7 +70,7 @@ def test_one_refuel_iteration_on_smollm2_secret_game(tmp_path):
     """REFUEL's full path on the real model: roll-in, branch, continuation, per-turn evaluation."""
     run = tmp_path / "refuel"
     args = [
-        "train", str(QUICKSTART.parent / "secret_refuel.yaml"), f"run_dir={run}", "iterations=1", "task.horizon=2",
+        "train", str(QUICKSTART.parent / "secret.yaml"), f"run_dir={run}", "iterations=1", "task.horizon=2",
         "task.n_eval=2", "rollout.prompts_per_iter=2", "rollout.max_new_tokens=16", "rebel.minibatch_size=2",
         "rebel.micro_batch_size=2", "refuel.end_turn=horizon",
     ]

@@ -37,16 +37,15 @@ def guessed_number(text: str) -> int | None:
 def number_intro(max_number: int, horizon: int, hints: bool = False, rounds: int = 1) -> str:
     if hints:
         turns = "1 turn" if horizon == 1 else f"{horizon} turns"
-        more = " Each time you find my number, you score a point and I think of a new one." if rounds > 1 else ""
-        return (
-            f"Let's play a game. I am thinking of a whole number from 1 to {max_number}. You have {turns}. "
-            f"In each turn, either guess the number or ask me for a hint.{more} Reply with your guess."
-        )
-    turns = "1 guess" if horizon == 1 else f"{horizon} guesses"
-    more = " Each time you find my number, I think of a new one." if rounds > 1 else ""
+        rules = "In each turn, either guess the number or ask me for a hint."
+    else:
+        turns = "1 guess" if horizon == 1 else f"{horizon} guesses"
+        rules = "Each time, guess one number; I will answer Higher, Lower or Correct."
+    if rounds > 1:
+        rules += " Each time you find my number, you score a point and I think of a new one."
     return (
         f"Let's play a game. I am thinking of a whole number from 1 to {max_number}. You have {turns}. "
-        f"Each time, guess one number; I will answer Higher, Lower or Correct.{more} Reply with your guess."
+        f"{rules} Reply with your guess."
     )
 
 

@@ -27,12 +27,16 @@ def score_rollout(reward_fn: RewardFn, rollout: Rollout, no_eos_penalty: float |
     return score_conversations(reward_fn, rollout.conversations, rollout.finished, no_eos_penalty, name)
 
 
+def win_outcomes(scores: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """1 where ``scores`` beats ``baseline``, 0.5 for a tie, 0 otherwise; same shapes in and out."""
+    if scores.shape != baseline.shape:
+        raise ValueError(f"win rates need scores for the same prompts, got {tuple(scores.shape)} vs {tuple(baseline.shape)}")
+    return (scores > baseline).float() + 0.5 * (scores == baseline).float()
+
+
 def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
     """Fraction of prompts where ``scores`` beats ``baseline``; ties count half. (N,), (N,) -> float."""
-    if scores.shape != baseline.shape:
-        raise ValueError(f"win_rate needs scores for the same prompts, got {tuple(scores.shape)} vs {tuple(baseline.shape)}")
-    wins = (scores > baseline).float() + 0.5 * (scores == baseline).float()
-    return wins.mean().item()
+    return win_outcomes(scores, baseline).mean().item()
 
 
 def sample_for_eval(generator: Generator, prompts: list[Conversation], params: SamplingParams, seed: int) -> Rollout:

@@ -62,25 +62,26 @@ def _eval(cfg: EvalCommandConfig) -> int:
     task = build_task(cfg.task)
     _, reward_fn = task_reward(task, cfg.reward)
     baseline_name = cfg.baseline or DEFAULT_MODEL
-    tokenizer = load_tokenizer(baseline_name)
+    tokenizer = load_tokenizer(baseline_name, cfg.task.prompt_format)
     baseline = load_causal_lm(baseline_name, cfg.dtype)
     model = load_causal_lm(cfg.model, cfg.dtype)
-    params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.repetition_penalty)
+    exact = cfg.dtype == "float32"  # elsewhere the sampler's log-probs are not the forward's: recompute them
     if task.env is None:
         def run(m, base_scores):
             return evaluate(HFGenerator(m, tokenizer, cfg.batch_size), baseline, task.eval, reward_fn, params, cfg.seed,
-                            cfg.reward.no_eos_penalty, baseline_scores=base_scores)
+                            cfg.reward.no_eos_penalty, baseline_scores=base_scores, recompute_policy_logps=not exact)
     else:  # dialogues: play task.horizon turns with the simulated user and judge every turn
         def run(m, base_scores):
             return evaluate_dialogues(HFGenerator(m, tokenizer, cfg.batch_size), m, baseline, tokenizer, task.env, task.eval,
-                                      reward_fn, params, cfg.seed, cfg.task.horizon, base_scores)
+                                      reward_fn, params, cfg.seed, cfg.task.horizon, base_scores, cfg.reward.no_eos_penalty)
     base_metrics, _, base_scores = run(baseline, None)
     metrics, samples, scores = run(model, base_scores)
     if cfg.output:
         (save_samples if task.env is None else save_dialogues)(cfg.output, samples, scores)
     result = {"model": cfg.model, "baseline": baseline_name, "baseline_reward_mean": base_metrics["reward_mean"]}
     for key, value in metrics.items():
-        key = key.replace("kl_to_ref", "kl_to_baseline").replace("win_rate_vs_initial", "win_rate_vs_baseline")
+        key = key.replace("_to_ref", "_to_baseline").replace("win_rate_vs_initial", "win_rate_vs_baseline")
         result[key.replace("win_rate_turn_", "win_rate_vs_baseline_turn_")] = value
     print(json.dumps(result, indent=2))
     if task.env is not None:
@@ -104,10 +105,10 @@ def _generate(cfg: GenerateConfig) -> int:
         if cfg.prompts
         else [Conversation.from_prompt(cfg.prompt, system=cfg.system_prompt)]
     )
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.prompt_format)
     model = load_causal_lm(cfg.model, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens)
+    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.repetition_penalty)
     rollout = HFGenerator(model, tokenizer, cfg.batch_size).generate(prompts, cfg.n, params)
     rows = [
         {"prompt": conv.messages[-2].content, "completion": conv.last_assistant, "finished": done}

@@ -41,6 +41,16 @@ _CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Models without a chat template (base models such as Pythia) read plain text: the messages' texts in
+# order, a blank line before each one that is not the reply, and the EOS after each assistant reply
+# (the token that ends its turn). A single-turn prompt is then the user's text exactly, so a prompt
+# that ends in "TL;DR:" is continued right there.
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{% if not loop.first and message['role'] != 'assistant' %}{{ '\\n\\n' }}{% endif %}"
+    "{{ message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,19 +76,28 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerFast:
-    """Tokenizer with a pad token (the EOS token when the model has none) and left padding."""
+def load_tokenizer(name: str, prompt_format: str = "auto") -> PreTrainedTokenizerFast:
+    """Tokenizer with a pad token (the EOS token when the model has none), left padding, and the
+    template prompts are rendered with (see ``prepare_tokenizer``)."""
     tokenizer = tiny_tokenizer() if name == TINY_MODEL else AutoTokenizer.from_pretrained(resolve_model_path(name))
-    return prepare_tokenizer(tokenizer)
+    return prepare_tokenizer(tokenizer, prompt_format)
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerFast, prompt_format: str = "auto") -> PreTrainedTokenizerFast:
+    """``prompt_format``: ``chat`` renders with the model's chat template (an error if it has none),
+    ``plain`` with ``PLAIN_TEMPLATE``, ``auto`` with the chat template if there is one, else plain."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{tokenizer.name_or_path}: the tokenizer has no EOS token, so a completion could never end")
     if tokenizer.pad_token is None:
         # Masks are always explicit here, so sharing the EOS id for padding is safe.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = _CHATML_TEMPLATE
+    if prompt_format == "plain" or (prompt_format == "auto" and not tokenizer.chat_template):
+        tokenizer.chat_template = PLAIN_TEMPLATE
+    elif not tokenizer.chat_template:
+        raise ValueError(f"{tokenizer.name_or_path}: prompt_format=chat but the tokenizer has no chat template; use plain")
     return tokenizer
 
 

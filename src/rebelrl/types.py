@@ -20,6 +20,9 @@ ROLES = ("system", "user", "assistant")
 class Message:
     role: str  # one of ROLES
     content: str
+    # An assistant reply the policy ended itself (it sampled its end-of-turn token) rather than one cut
+    # at the token budget; a cut reply's turn has no terminator token to train on.
+    finished: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -52,8 +55,8 @@ class Conversation:
     def to_chat(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
 
-    def with_reply(self, content: str, role: str = "assistant") -> Conversation:
-        return replace(self, messages=self.messages + (Message(role, content),))
+    def with_reply(self, content: str, role: str = "assistant", finished: bool = True) -> Conversation:
+        return replace(self, messages=self.messages + (Message(role, content, finished),))
 
     @property
     def last_assistant(self) -> str:
@@ -83,6 +86,9 @@ class Rollout:
     finished: torch.Tensor  # (N,) bool: the completion emitted EOS within the token budget
     sample_logps: torch.Tensor  # (N, T) log pi_t(a_t | s_t) at sampling time, temperature-scaled; 0 on padding
     group_size: int  # k
+    # (N, T) probability mass under pi_t that the sampler's truncation (top-k, top-p, min_new_tokens)
+    # removed before drawing token t; 0 on padding and everywhere when nothing is truncated.
+    dropped_mass: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:  # (N, P + T)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
@@ -6,14 +7,24 @@ from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.types import Conversation
 
 
-def test_tokenizer_without_pad_or_template_gets_eos_padding_left_and_chatml():
+def test_tokenizer_without_pad_or_template_gets_eos_padding_left_and_plain_text():
     tok = tiny_tokenizer()
     bare = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|im_end|>")
     assert bare.pad_token is None and bare.chat_template is None
     ready = prepare_tokenizer(bare)
     assert ready.pad_token == "<|im_end|>" and ready.padding_side == "left"
+    # a base model continues the user's text itself, not a chat format it never saw
     text = ready.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert text == "hi"
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
+            {"role": "user", "content": "V"}]
+    assert ready.apply_chat_template(chat, tokenize=False) == "S\n\nUA<|im_end|>\n\nV"
+
+
+def test_prompt_format_chat_without_a_template_is_an_error():
+    bare = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer().backend_tokenizer, eos_token="<|im_end|>")
+    with pytest.raises(ValueError, match="no chat template"):
+        prepare_tokenizer(bare, "chat")
 
 
 def test_top_k_one_samples_the_greedy_completion(model, tokenizer):

@@ -58,33 +58,46 @@ class Collected:
     rollout: Rollout
     pairs: PairBatch
     metrics: dict[str, float]
+    scores: torch.Tensor  # (N,) task scores of the rollout's rows
+    ref_logps: torch.Tensor  # (N,) log pi_ref(y|x)
+    old_from_sampler: bool  # log pi_t is the sampler's record rather than a forward pass
 
 
 def collect(run: Run, prompts) -> Collected:
     """Sample, score, compute log pi_t and log pi_ref, and form pairs (no gradients)."""
     cfg: TrainConfig = run.cfg
-    params = run.sampling
     t0 = time.perf_counter()
-    rollout = run.generator.generate(prompts, cfg.rollout.samples_per_prompt, params)
+    rollout = run.generator.generate(prompts, cfg.rollout.samples_per_prompt, run.sampling)
     t1 = time.perf_counter()
     scores = run.score(rollout)  # (N,)
     t2 = time.perf_counter()
-    # log pi_t comes from sampling time (the training forward reproduces it; ``update`` measures how
-    # closely on its first minibatch), so only the reference needs a forward pass here.
-    old_logps = rollout.sample_logps.sum(1)  # (N,)
-    ref_logps = rollout_logprobs(run.ref, rollout, params.logprob_temperature, cfg.rebel.micro_batch_size * 2).sum(1)  # (N,)
-    t3 = time.perf_counter()
-    kl = old_logps - ref_logps  # (N,) log pi_t(y|x) - log pi_ref(y|x)
-    rewards = scores - cfg.rebel.kl_coef * kl
     index = make_pairs(scores, cfg.rollout.samples_per_prompt, cfg.rollout.pairing)  # (B, 2)
+    batch = assemble(run, rollout, scores, index)
+    batch.metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1})
+    return batch
+
+
+def assemble(run: Run, rollout: Rollout, scores: torch.Tensor, index: torch.Tensor, ref_logps: torch.Tensor | None = None) -> Collected:
+    """Log pi_t and log pi_ref of every row, the KL-penalised rewards, the (B, 2) pairs and their metrics.
+
+    Args:
+        scores: (N,) task scores; index: (B, 2) rows forming each pair; ref_logps: (N,) if known.
+    """
+    t0 = time.perf_counter()
+    old_logps, from_sampler = run.old_logps(rollout)  # (N,) log pi_t(y|x)
+    if ref_logps is None:
+        ref_logps = rollout_logprobs(run.ref, rollout, run.sampling.logprob_temperature, run.cfg.rebel.micro_batch_size * 2).sum(1)
+    kl = old_logps - ref_logps  # (N,) log pi_t(y|x) - log pi_ref(y|x)
+    rewards = scores - run.cfg.rebel.kl_coef * kl
     pairs = PairBatch(index=index, rewards=rewards[index], scores=scores[index], old_logps=old_logps[index], ref_logps=ref_logps[index])
     metrics = batch_metrics(rollout, pairs, scores, rewards, kl)
-    metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/logprobs": t3 - t2})
-    return Collected(rollout, pairs, metrics)
+    metrics["time/logprobs"] = time.perf_counter() - t0
+    return Collected(rollout, pairs, metrics, scores, ref_logps, from_sampler)
 
 
 def batch_metrics(rollout: Rollout, pairs: PairBatch, scores, rewards, kl) -> dict[str, float]:
     """What every iteration logs about its samples; scores, rewards, kl: (N,)."""
+    mask = rollout.completion_mask.float()
     return {
         "score_mean": scores.mean().item(),
         "score_std": scores.std().item(),
@@ -94,6 +107,8 @@ def batch_metrics(rollout: Rollout, pairs: PairBatch, scores, rewards, kl) -> di
         "response_length": rollout.completion_lengths.float().mean().item(),
         "frac_no_eos": (~rollout.finished).float().mean().item(),
         "pair_score_gap": (pairs.scores[:, 0] - pairs.scores[:, 1]).abs().mean().item(),
+        # Probability mass of pi_t the sampler's truncation removed, per token: 0 when sampling is exact.
+        "sampler_dropped_mass": ((rollout.dropped_mass * mask).sum() / mask.sum().clamp(min=1)).item() if rollout.dropped_mass is not None else 0.0,
     }
 
 
@@ -134,6 +149,13 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
                 if not grad_norms:
                     # Before the first step pi_theta must equal pi_t, or the regression target is biased.
                     gap = (logps.detach() - pairs.old_logps[micro]).abs().max().item()
+                    if gap > run.cfg.rollout.logprob_tolerance and batch.old_from_sampler:
+                        # The sampler's record is not this forward's: recompute log pi_t for the whole
+                        # batch now, while theta is still theta_t, and from now on.
+                        run.stop_trusting_sampler(gap)
+                        batch = assemble(run, rollout, batch.scores, pairs.index, batch.ref_logps)
+                        pairs = batch.pairs
+                        gap = (logps.detach() - pairs.old_logps[micro]).abs().max().item()
                     mismatch = gap if mismatch is None else max(mismatch, gap)
                 loss, metrics = loss_fn(logps, pairs, micro)
                 # Weight by the micro-batch's share so accumulated gradients equal the minibatch mean.
@@ -143,11 +165,13 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
             grad_norms.append(run.clip_and_step())
             losses.append(total)
     return {
+        **batch.metrics,
         "loss": sum(losses) / len(losses),
         "grad_norm": sum(grad_norms) / len(grad_norms),
         **{key: sum(m[key] for m in fit if key in m) / sum(key in m for m in fit) for key in {k for m in fit for k in m}},
         "lr": run.scheduler.get_last_lr()[0],
         "logp_mismatch_max": mismatch,
+        "old_logps_recomputed": float(not batch.old_from_sampler),
     }
 
 
@@ -159,11 +183,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         batch = collect(run, run.prompts_for(iteration))
         t1 = time.perf_counter()
         metrics = update(run, batch)
-        metrics.update(batch.metrics)
         metrics["time/train"] = time.perf_counter() - t1
         metrics["time/total"] = time.perf_counter() - t0
         run.end_iteration(iteration, metrics)
     return run.finish()
 
 
-__all__ = ["train", "collect", "update", "make_pairs"]
+__all__ = ["train", "collect", "assemble", "update", "make_pairs"]

@@ -23,9 +23,8 @@ import time
 
 import torch
 
-from rebelrl.algos.rebel import Collected, PairLoss, batch_metrics, update
+from rebelrl.algos.rebel import Collected, PairLoss, assemble, update
 from rebelrl.algos.run import Run
-from rebelrl.logprobs import rollout_logprobs
 from rebelrl.losses import dpo_loss
 from rebelrl.rollout import HFGenerator
 from rebelrl.rollout.dialogue import play
@@ -73,22 +72,15 @@ def collect(run: Run, starts: list[Conversation], rollin_generator) -> Collected
     t1 = time.perf_counter()
     scores = run.score_conversations(finals, rollout.finished)  # (2B,)
     t2 = time.perf_counter()
-    old_logps = rollout.sample_logps.sum(1)  # (2B,) log pi_t of the turn-h reply
-    ref_logps = rollout_logprobs(run.ref, rollout, params.logprob_temperature, cfg.rebel.micro_batch_size * 2).sum(1)
-    t3 = time.perf_counter()
-    kl = old_logps - ref_logps
-    rewards = scores - cfg.rebel.kl_coef * kl
-    index = torch.arange(len(finals)).view(-1, 2)  # (B, 2): the two branches of each dialogue
-    pairs = PairBatch(index=index, rewards=rewards[index], scores=scores[index], old_logps=old_logps[index], ref_logps=ref_logps[index])
-    metrics = batch_metrics(rollout, pairs, scores, rewards, kl)
-    metrics.update({
+    # The pair is the two turn-h replies: their log pi_t and log pi_ref are those of the branch tokens.
+    batch = assemble(run, rollout, scores, torch.arange(len(finals)).view(-1, 2))  # (B, 2) branches of a dialogue
+    batch.metrics.update({
         "branch_turn_mean": sum(branch) / len(branch),
         "end_turn_mean": sum(ends) / len(ends),
         "time/rollout": t1 - t0,
         "time/score": t2 - t1,
-        "time/logprobs": t3 - t2,
     })
-    return Collected(rollout, pairs, metrics)
+    return batch
 
 
 def continue_branches(run: Run, env, branches: list[Conversation], turns_left: list[int]) -> list[Conversation]:
@@ -131,7 +123,6 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         batch = collect(run, run.prompts_for(iteration), rollin)
         t1 = time.perf_counter()
         metrics = update(run, batch, loss_fn)
-        metrics.update(batch.metrics)
         metrics["time/train"] = time.perf_counter() - t1
         metrics["time/total"] = time.perf_counter() - t0
         run.end_iteration(iteration, metrics)

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -19,10 +18,12 @@ from rebelrl.config import to_yaml
 from rebelrl.envs import Task, build_task, task_reward
 from rebelrl.eval import evaluate, load_sample_scores, read_jsonl, save_samples, score_conversations, score_rollout, write_report
 from rebelrl.eval.dialogue import evaluate_dialogues, load_turn_scores, per_turn_table, plot_per_turn, save_dialogues
+from rebelrl.logprobs import rollout_logprobs
 from rebelrl.models import AdapterDisabled, apply_lora, load_causal_lm, load_tokenizer
 from rebelrl.rewards import RewardFn
 from rebelrl.rollout import HFGenerator, SamplingParams
-from rebelrl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state, write_atomic
+from rebelrl.seeding import seed_everything, set_rng_state
+from rebelrl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_atomic
 from rebelrl.train.config import TrainConfig
 from rebelrl.train.metrics import JsonlLogger
 from rebelrl.train.optim import make_optimizer, make_schedule
@@ -50,6 +51,7 @@ class Run:
     sampling: SamplingParams
     eval_sampling: SamplingParams
     start_iteration: int = 0
+    recompute_old: bool = False  # log pi_t from a forward pass after sampling, not the sampler's record
     metrics_log: JsonlLogger = None
     eval_log: JsonlLogger = None
     baseline_scores: torch.Tensor | None = None
@@ -67,13 +69,13 @@ class Run:
         checkpoint = _check_run_dir(run_dir, cfg.resume)
         task = build_task(cfg.task)
         reward_name, reward_fn = task_reward(task, cfg.reward)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
 
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", to_yaml(cfg))
         print(f"rebelrl: resolved config ({run_dir / 'config.yaml'})\n{to_yaml(cfg)}", file=sys.stderr)
 
-        tokenizer = load_tokenizer(cfg.model.name)
+        tokenizer = load_tokenizer(cfg.model.name, cfg.task.prompt_format)
         policy, ref = _load_models(cfg, checkpoint)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         policy.to(device)
@@ -81,15 +83,24 @@ class Run:
         optimizer = make_optimizer(policy.parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
         scheduler = make_schedule(optimizer, cfg.optim.schedule, cfg.iterations * steps_per_iteration, cfg.optim.warmup_steps)
         r = cfg.rollout
-        sampling = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens)
+        sampling = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, r.repetition_penalty, r.min_new_tokens)
+        # Evaluation samples as training does, at its own temperature and budget if set.
+        eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         eval_temperature = cfg.eval.temperature if cfg.eval.temperature is not None else r.temperature
-        eval_sampling = SamplingParams(eval_temperature, r.top_p, r.top_k, cfg.eval.max_new_tokens or r.max_new_tokens)
+        eval_sampling = SamplingParams(eval_temperature, r.top_p, r.top_k, eval_budget, r.repetition_penalty, min(r.min_new_tokens, eval_budget))
         run = cls(
             cfg=cfg, run_dir=run_dir, task=task, reward_fn=reward_fn, reward_name=reward_name, tokenizer=tokenizer,
             policy=policy, ref=ref, generator=HFGenerator(policy, tokenizer, r.batch_size), optimizer=optimizer,
             scheduler=scheduler, sampling=sampling, eval_sampling=eval_sampling,
             metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
+            recompute_old=_recompute_old(cfg, policy),
         )
+        stops = ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in run.generator.stop_ids)
+        source = "a forward pass after sampling" if run.recompute_old else "the sampler's record (checked every iteration)"
+        print(f"rebelrl: replies end at token {stops}; log pi_t from {source}", file=sys.stderr)
+        if not sampling.exact:
+            print("rebelrl: top-p, top-k, repetition penalty or min_new_tokens make the sampler differ from pi_t, "
+                  "the softmax the log-probs describe (sampler_dropped_mass in metrics.jsonl)", file=sys.stderr)
         if checkpoint is not None:
             run._restore(checkpoint)
         else:
@@ -102,6 +113,7 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.start_iteration = state["iteration"]
+        self.recompute_old = state.get("recompute_old", self.recompute_old)
         self.metrics_log.rewind(self.start_iteration)
         self.eval_log.rewind(self.start_iteration)
         initial = self.run_dir / INITIAL_SAMPLES
@@ -129,6 +141,23 @@ class Run:
             epoch, i = divmod(pos, len(train))
             out.append(train[_epoch_order(len(train), self.cfg.seed, epoch)[i]])
         return out
+
+    def old_logps(self, rollout) -> tuple[torch.Tensor, bool]:
+        """(N,) log pi_t(y|x) of every completion, and whether it is the sampler's record.
+
+        The sampler's values are reused only where they are this training forward's (float32, checked
+        on the first minibatch of every iteration); otherwise a no-grad forward of the policy that
+        sampled, in the layout training uses, gives them exactly.
+        """
+        if self.recompute_old:
+            return rollout_logprobs(self.policy, rollout, self.sampling.logprob_temperature, self.cfg.rebel.micro_batch_size * 2).sum(1), False
+        return rollout.sample_logps.sum(1), True
+
+    def stop_trusting_sampler(self, gap: float) -> None:
+        self.recompute_old = True
+        msg = (f"rebelrl: the sampler's log-probs differ from the training forward by {gap:.2g} nats a reply "
+               f"(> rollout.logprob_tolerance={self.cfg.rollout.logprob_tolerance:g}): log pi_t is recomputed from now on")
+        (self._bar.write if self._bar is not None else print)(msg)
 
     def score(self, rollout) -> torch.Tensor:
         return score_rollout(self.reward_fn, rollout, self.cfg.reward.no_eos_penalty, self.reward_name)
@@ -173,7 +202,7 @@ class Run:
     def _eval_dialogues(self) -> dict:
         metrics, dialogues, scores = evaluate_dialogues(
             self.generator, self.policy, self.ref, self.tokenizer, self.task.env, self.task.eval, self.reward_fn,
-            self.eval_sampling, self.cfg.eval.seed, self.cfg.task.horizon, self.baseline_scores,
+            self.eval_sampling, self.cfg.eval.seed, self.cfg.task.horizon, self.baseline_scores, self.cfg.reward.no_eos_penalty,
         )
         if self.baseline_scores is None:
             self.baseline_scores = scores
@@ -186,6 +215,7 @@ class Run:
         metrics, rollout, scores = evaluate(
             self.generator, self.ref, self.task.eval, self.reward_fn, self.eval_sampling, self.cfg.eval.seed,
             self.cfg.reward.no_eos_penalty, self.baseline_scores, batch_size=self.cfg.rebel.micro_batch_size * 2,
+            recompute_policy_logps=self.recompute_old,
         )
         if self.baseline_scores is None:  # the initial policy: every later evaluation is compared with it
             self.baseline_scores = scores
@@ -195,7 +225,7 @@ class Run:
         return metrics
 
     def save(self, iteration: int) -> None:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "recompute_old": self.recompute_old}
         save_checkpoint(self.run_dir, iteration, self.policy, self.tokenizer, state, self.cfg.checkpoint.keep_last)
 
     def finish(self) -> dict:
@@ -265,10 +295,12 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
     return policy, ref
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def _recompute_old(cfg: TrainConfig, policy: torch.nn.Module) -> bool:
+    """``rollout.old_logprobs=auto``: the sampler's record is trusted only in float32, where it matches
+    the training forward to ~1e-4 nats a reply; in bfloat16/float16 it is off by ~0.2 nats a reply."""
+    if cfg.rollout.old_logprobs != "auto":
+        return cfg.rollout.old_logprobs == "recompute"
+    return next(policy.parameters()).dtype != torch.float32
 
 
 _ORDERS: dict[tuple[int, int, int], list[int]] = {}

@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import re
 
-import torch
-
 from rebelrl.rollout import HFGenerator, SamplingParams
+from rebelrl.seeding import seeded
 from rebelrl.types import Conversation
 
 USER_INSTRUCTIONS = (
@@ -73,7 +72,6 @@ class LMUser:
         digest = hashlib.sha256("\x00".join(repr(c.to_chat()) for c in conversations).encode()).hexdigest()
         repeat = self._last[1] + 1 if self._last[0] == digest else 0
         self._last = (digest, repeat)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + int(digest[:12], 16) + repeat) % 2**63)
+        with seeded((self.seed * 1_000_003 + int(digest[:12], 16) + repeat) % 2**63):
             rollout = generator.generate([user_view(c, self.instructions) for c in conversations], 1, self.params)
         return [clean_user_message(c.last_assistant) for c in rollout.conversations]

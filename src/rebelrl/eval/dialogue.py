@@ -13,23 +13,32 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from rebelrl.eval.evaluate import win_rate
+from rebelrl.eval.evaluate import kl_key, win_rate
 from rebelrl.logprobs import token_logprobs
 from rebelrl.models import model_device
-from rebelrl.rewards import RewardFn, check_scores
+from rebelrl.rewards import RewardFn, apply_no_eos_penalty, check_scores
 from rebelrl.rollout import Generator, SamplingParams
 from rebelrl.rollout.dialogue import encode_dialogue, play, truncate_turns
+from rebelrl.seeding import seeded
 from rebelrl.types import Conversation
 
 
-def turn_scores(reward_fn: RewardFn, conversations: list[Conversation], horizon: int) -> torch.Tensor:
+def turn_scores(reward_fn: RewardFn, conversations: list[Conversation], horizon: int, no_eos_penalty: float | None = None) -> torch.Tensor:
     """(N, H): the reward of each dialogue cut after assistant turn h = 1..H (a dialogue that ended
-    earlier is judged whole)."""
+    earlier is judged whole). As in training, where the turn's reply never ended (cut at the token
+    budget) the score is ``no_eos_penalty`` instead."""
     columns = []
     for h in range(1, horizon + 1):
         cut = [truncate_turns(c, h) for c in conversations]
-        columns.append(torch.tensor(check_scores(reward_fn(cut), len(cut), "reward"), dtype=torch.float32))
+        scores = check_scores(reward_fn(cut), len(cut), "reward")
+        ended = [_last_reply_finished(c) for c in cut]
+        columns.append(torch.tensor(apply_no_eos_penalty(scores, ended, no_eos_penalty), dtype=torch.float32))
     return torch.stack(columns, dim=1)
+
+
+def _last_reply_finished(conversation: Conversation) -> bool:
+    replies = [m for m in conversation.messages if m.role == "assistant"]
+    return not replies or replies[-1].finished
 
 
 @torch.no_grad()
@@ -66,6 +75,7 @@ def evaluate_dialogues(
     seed: int,
     horizon: int,
     baseline_turn_scores: torch.Tensor | None = None,
+    no_eos_penalty: float | None = None,
 ) -> tuple[dict, list[Conversation], torch.Tensor]:
     """Play ``horizon`` turns from each opening and judge every turn.
 
@@ -73,10 +83,9 @@ def evaluate_dialogues(
     ``win_rate_turn_h`` for every h, ``kl_to_ref`` over all assistant tokens), the dialogues, and the
     (N, H) turn scores that serve as the baseline of later evaluations.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         dialogues = play(generator, env, starts, [horizon] * len(starts), params).conversations
-    scores = turn_scores(reward_fn, dialogues, horizon)  # (N, H)
+    scores = turn_scores(reward_fn, dialogues, horizon, no_eos_penalty)  # (N, H)
     # Both sides on the re-rendered dialogue, not the sampler's log-probs: earlier turns are context
     # re-tokenized from text, and the KL must compare the two models on the same tokens.
     policy = dialogue_logprobs(policy_model, tokenizer, dialogues, params.logprob_temperature)
@@ -85,7 +94,7 @@ def evaluate_dialogues(
     metrics = {
         "reward_mean": scores[:, -1].mean().item(),
         "reward_std": scores[:, -1].std().item() if len(dialogues) > 1 else 0.0,
-        "kl_to_ref": (policy - ref).mean().item(),
+        kl_key(params): (policy - ref).mean().item(),
         "turns_mean": sum(turns) / len(turns),
         "n_prompts": len(starts),
     }

@@ -10,6 +10,7 @@ import torch
 from rebelrl.logprobs import rollout_logprobs
 from rebelrl.rewards import RewardFn, apply_no_eos_penalty, check_scores
 from rebelrl.rollout import Generator, SamplingParams
+from rebelrl.seeding import seeded
 from rebelrl.types import Conversation, Rollout
 
 
@@ -41,9 +42,8 @@ def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
 
 def sample_for_eval(generator: Generator, prompts: list[Conversation], params: SamplingParams, seed: int) -> Rollout:
     """One completion per prompt, with its own seed: the same noise at every evaluation, and the
-    training RNG stream is left exactly where it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    training RNG streams (CPU and CUDA) are left exactly where they were."""
+    with seeded(seed):
         return generator.generate(prompts, 1, params)
 
 
@@ -57,24 +57,30 @@ def evaluate(
     no_eos_penalty: float | None,
     baseline_scores: torch.Tensor | None = None,
     batch_size: int = 16,
+    recompute_policy_logps: bool = False,
 ) -> tuple[dict[str, float], Rollout, torch.Tensor]:
     """Sample, score and compare on held-out prompts.
 
     ``kl_to_ref`` is the sequence-level estimate E_y~pi[log pi(y|x) - log pi_ref(y|x)] (nats), with
-    the same temperature-scaled distributions that training uses. The policy's log-probs come from
-    sampling time, so only the reference needs a forward pass.
+    the same temperature-scaled distributions that training uses. The policy's log-probs are the
+    sampler's record, or a forward pass of ``generator.model`` with ``recompute_policy_logps`` (where
+    the record is not exact, as in bfloat16). Greedy decoding (temperature 0) draws no sample, so
+    the same log-ratio is reported as ``greedy_logratio_to_ref`` instead.
 
     Returns:
         metrics, the rollout, and the (N,) scores (to serve as the baseline of later evaluations).
     """
     rollout = sample_for_eval(generator, prompts, params, seed)
     scores = score_rollout(reward_fn, rollout, no_eos_penalty)
-    policy_logps = rollout.sample_logps.sum(dim=1)  # (N,)
+    if recompute_policy_logps:
+        policy_logps = rollout_logprobs(generator.model, rollout, params.logprob_temperature, batch_size).sum(dim=1)  # (N,)
+    else:
+        policy_logps = rollout.sample_logps.sum(dim=1)  # (N,)
     ref_logps = rollout_logprobs(ref_model, rollout, params.logprob_temperature, batch_size).sum(dim=1)  # (N,)
     metrics = {
         "reward_mean": scores.mean().item(),
         "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-        "kl_to_ref": (policy_logps - ref_logps).mean().item(),
+        kl_key(params): (policy_logps - ref_logps).mean().item(),
         "response_length": rollout.completion_lengths.float().mean().item(),
         "frac_no_eos": (~rollout.finished).float().mean().item(),
         "n_prompts": len(prompts),
@@ -82,6 +88,11 @@ def evaluate(
     if baseline_scores is not None:
         metrics["win_rate_vs_initial"] = win_rate(scores, baseline_scores)
     return metrics, rollout, scores
+
+
+def kl_key(params: SamplingParams) -> str:
+    """The name of E[log pi - log pi_ref] over evaluation replies: a KL only when they were sampled."""
+    return "kl_to_ref" if params.temperature > 0 else "greedy_logratio_to_ref"
 
 
 def save_samples(path: Path, rollout: Rollout, scores: torch.Tensor) -> None:

@@ -14,6 +14,8 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus sampling mass; 1.0 disables it
     top_k: int = 0  # keep the k most likely tokens; 0 disables it
     max_new_tokens: int = 64
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context; 1 disables it
+    min_new_tokens: int = 0  # the stop tokens are masked until this many tokens exist; 0 disables it
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -22,6 +24,14 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.max_new_tokens < 1:
             raise ValueError(f"top_k must be >= 0 and max_new_tokens >= 1, got {self.top_k}, {self.max_new_tokens}")
+        if not self.repetition_penalty > 0 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"repetition_penalty must be > 0 and 0 <= min_new_tokens <= max_new_tokens, got "
+                             f"{self.repetition_penalty}, {self.min_new_tokens}")
+
+    @property
+    def exact(self) -> bool:
+        """Whether tokens are drawn from pi_t itself, the distribution the log-probs describe."""
+        return self.top_p == 1.0 and self.top_k == 0 and self.repetition_penalty == 1.0 and self.min_new_tokens == 0
 
     @property
     def logprob_temperature(self) -> float:

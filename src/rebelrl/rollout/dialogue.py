@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rebelrl.rollout.base import Generator, SamplingParams
+from rebelrl.rollout.chat import ChatTemplateError, render, turn_terminator
 from rebelrl.types import Conversation
 
 
@@ -73,22 +74,27 @@ def truncate_turns(conversation: Conversation, turns: int) -> Conversation:
 def encode_dialogue(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of the rendered dialogue and the [start, end) span of each assistant turn.
 
-    A turn's span covers the tokens the policy produced for it (its reply and the end-of-turn token)
-    and nothing of the chat template's role header: rendering the dialogue up to the turn with the
-    generation prompt marks the start; rendering it with the reply marks the end, minus any
-    separator the template adds after the end-of-turn token.
+    A turn's span covers what the policy produced for it: the reply's tokens and, when the policy
+    ended the reply itself, the template's turn terminator (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``, the EOS in plain text: whatever token the template closes a turn with). It
+    never covers the role header before the reply, a separator after the terminator, or the
+    terminator the template writes after a reply that was cut at the token budget.
     """
     messages = conversation.to_chat()
-    ids = _render(tokenizer, messages)
-    eos = tokenizer.eos_token_id
+    ids = _tokens(tokenizer, render(tokenizer, messages))
+    terminator = turn_terminator(tokenizer)
     spans = []
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+    for k, message in enumerate(conversation.messages):
+        if message.role != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:k], add_generation_prompt=True))
-        end = len(_render(tokenizer, messages[: k + 1]))
-        while end > start and ids[end - 1] != eos:  # drop the template's trailing newline
-            end -= 1
+        start = _common_prefix(_tokens(tokenizer, render(tokenizer, messages[:k], add_generation_prompt=True)), ids)
+        try:
+            end = ids.index(terminator, start)
+        except ValueError:
+            raise ChatTemplateError(f"the rendered dialogue has no turn terminator (token {terminator}) after assistant turn {len(spans) + 1}") from None
+        end += 1 if message.finished else 0
+        # A reply the policy ended holds at least its terminator; only a cut reply with no text is empty.
+        assert end > start or not message.finished, f"empty span for assistant turn {len(spans) + 1}"
         spans.append((start, end))
     return ids, spans
 
@@ -101,6 +107,16 @@ def turn_mask(spans: list[tuple[int, int]], turn: int, length: int) -> torch.Ten
     return mask
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix (a prompt is a prefix of its dialogue unless plain text
+    merges a token across the boundary)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -9,28 +9,18 @@ and the loop position, which is what makes a resumed run repeat the uninterrupte
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from rebelrl.seeding import rng_state
 
 LATEST = "latest"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
 
 
 def save_checkpoint(run_dir, iteration: int, model, tokenizer, trainer_state: dict, keep_last: int = 2) -> Path:
@@ -64,9 +54,18 @@ def latest_checkpoint(run_dir) -> Path | None:
     return complete[-1] if complete else None
 
 
+class CheckpointError(RuntimeError):
+    pass
+
+
 def load_trainer_state(checkpoint: Path) -> dict:
-    # Our own file, holding numpy RNG state and python objects, hence weights_only=False.
-    return torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    """The trainer state, unpickled with ``weights_only=True``: tensors and plain values only, so a
+    file planted in a run folder cannot run code when the run is resumed."""
+    path = checkpoint / "trainer_state.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError with the offending global named
+        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain values ({str(e).splitlines()[0]})") from None
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -51,6 +51,10 @@ class TaskConfig:
     user_model: str = field(DEFAULT_MODEL, "task=chitchat-dialogue: the model that plays the user when task.user is null")
     env: str | None = field(None, "task=env: import path module:attr of an Env, or of a factory when env_kwargs is set")
     env_kwargs: dict = field({}, "keyword arguments for task.env (the horizon is passed as `horizon`)")
+    prompt_format: Literal["auto", "chat", "plain"] = field(
+        "auto", "chat: render with the model's chat template; plain: the messages' texts in order, each reply ended by EOS "
+        "(for base models); auto: chat if the tokenizer has a template, else plain"
+    )
 
 
 @dataclass
@@ -71,7 +75,15 @@ class RolloutConfig:
     top_p: float = field(1.0, "nucleus sampling; 1 disables")
     top_k: int = field(0, "top-k sampling; 0 disables")
     max_new_tokens: int = field(48, "token budget per completion")
+    repetition_penalty: float = field(1.0, "penalty on tokens already in the context (Transformers' rule); 1 disables")
+    min_new_tokens: int = field(0, "the stop tokens are masked until a reply has this many tokens; 0 disables")
     batch_size: int = field(32, "prompts per generate call")
+    old_logprobs: Literal["auto", "sampler", "recompute"] = field(
+        "auto", "where log pi_t comes from: the sampler's record (checked against the training forward every iteration; "
+        "recomputed from then on if it drifts past logprob_tolerance), a no-grad forward after sampling, or auto: the "
+        "sampler's record in float32, recompute otherwise"
+    )
+    logprob_tolerance: float = field(1e-3, "largest accepted gap (nats a reply) between log pi_t and the training forward before the first step")
 
 
 @dataclass
@@ -154,6 +166,9 @@ class TrainConfig:
             raise ValueError("algo=refuel branches exactly two continuations: rollout.samples_per_prompt must be 2")
         if self.algo == "refuel" and self.refuel.rollin == "reference" and self.model.lora_r > 0:
             raise ValueError("refuel.rollin=reference needs a separate reference model: set model.lora_r=0")
+        if self.eval.temperature is not None and self.eval.temperature <= 0:
+            raise ValueError("eval.temperature must be > 0: the held-out KL to the reference is an expectation over "
+                             "samples, and a greedy reply's log-ratio is not a KL (use rebelrl eval temperature=0 for greedy scores)")
 
     @property
     def pairs_per_iter(self) -> int:
@@ -169,7 +184,10 @@ class EvalCommandConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "parameter dtype")
     task: TaskConfig = field(TaskConfig())
     reward: RewardConfig = field(RewardConfig())
-    temperature: float = field(0.7, "sampling temperature")
+    temperature: float = field(0.7, "sampling temperature; 0 = greedy (then the log-ratio to the baseline is reported, not a KL)")
+    top_p: float = field(1.0, "nucleus sampling; 1 disables")
+    top_k: int = field(0, "top-k sampling; 0 disables")
+    repetition_penalty: float = field(1.0, "penalty on tokens already in the context; 1 disables")
     max_new_tokens: int = field(48, "token budget per completion")
     batch_size: int = field(32, "prompts per generate call")
     seed: int = field(1234, "sampling seed")
@@ -186,7 +204,9 @@ class GenerateConfig:
     temperature: float = field(0.7, "sampling temperature; 0 = greedy")
     top_p: float = field(1.0, "nucleus sampling")
     top_k: int = field(0, "top-k sampling; 0 disables")
+    repetition_penalty: float = field(1.0, "penalty on tokens already in the context; 1 disables")
     max_new_tokens: int = field(64, "token budget per completion")
+    prompt_format: Literal["auto", "chat", "plain"] = field("auto", "chat template, plain text, or auto (chat if the tokenizer has a template)")
     batch_size: int = field(16, "prompts per generate call")
     seed: int = field(0, "sampling seed")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "parameter dtype")

@@ -73,9 +73,7 @@ def test_branches_share_the_prefix_and_turn_h_logprobs_match_the_full_dialogue(m
     compared = 0
     for row, conv in enumerate(rollout.conversations):
         ids, spans = encode_dialogue(tokenizer, conv)
-        span_start, span_end = spans[branch[row // 2] - 1]
-        if not rollout.finished[row]:
-            span_end -= 1  # the template closes the turn with an end token the policy never sampled
+        span_start, span_end = spans[branch[row // 2] - 1]  # a cut reply's span holds no terminator
         sampled = rollout.completion_ids[row][rollout.completion_mask[row].bool()].tolist()
         if ids[span_start:span_end] != sampled:
             continue  # a sampled special token that decoding drops: the text no longer round-trips

@@ -84,25 +84,34 @@ def test_dpo_loss_is_finite_for_a_badly_wrong_pair():
 # IPO
 
 
-def test_ipo_loss_hand_derived():
-    """Averaged log-ratios chosen (-0.5 - -1.0) = 0.5, rejected (-1.5 - -1.0) = -0.5: Delta = 1.
+def test_ipo_loss_hand_derived_on_per_token_averages():
+    """Summed log-probs over replies of 2 (chosen) and 4 (rejected) tokens.
+    Chosen: (-1.0 - -2.0) / 2 = 0.5 per token; rejected: (-6.0 - -4.0) / 4 = -0.5 per token; Delta = 1.
     beta = 0.25 gives the target 1 / (2 * 0.25) = 2, loss = (1 - 2)^2 = 1.
-    d loss / d logps[0,0] = 2 * (Delta - 2) = -2, d loss / d logps[0,1] = +2."""
-    logps = _pair(-0.5, -1.5, requires_grad=True)
-    loss, metrics = ipo_loss(logps, _pair(-1.0, -1.0), beta=0.25)
+    d loss / d logps[0,0] = 2 * (Delta - 2) / 2 = -1, d loss / d logps[0,1] = -2 * (Delta - 2) / 4 = +0.5."""
+    logps = _pair(-1.0, -6.0, requires_grad=True)
+    loss, metrics = ipo_loss(logps, _pair(-2.0, -4.0), beta=0.25, lengths=_pair(2.0, 4.0))
     loss.backward()
     assert loss.item() == pytest.approx(1.0, abs=1e-12)
-    assert logps.grad.tolist() == [[-2.0, 2.0]]
+    assert logps.grad.tolist() == [[-1.0, 0.5]]
     assert metrics["ipo/margin"] == pytest.approx(1.0)
     assert metrics["ipo/accuracy"] == 1.0
 
 
+def test_ipo_loss_does_not_depend_on_reply_length():
+    """The same per-token log-ratios over replies 10x longer give the same loss: the summed form
+    would put the margin 10x further from the target 1 / (2 beta)."""
+    short, _ = ipo_loss(_pair(-1.0, -6.0), _pair(-2.0, -4.0), 0.25, lengths=_pair(2.0, 4.0))
+    long, _ = ipo_loss(_pair(-10.0, -60.0), _pair(-20.0, -40.0), 0.25, lengths=_pair(20.0, 40.0))
+    assert long.item() == pytest.approx(short.item(), abs=1e-12)
+
+
 def test_ipo_loss_is_zero_at_the_target_margin_and_penalises_overshoot():
-    """beta = 0.1: target margin 1 / 0.2 = 5. Delta = 5 gives 0; Delta = 7 gives (7 - 5)^2 = 4,
+    """beta = 0.1: target margin 1 / 0.2 = 5 per token. Delta = 5 gives 0; Delta = 7 gives (7 - 5)^2 = 4,
     unlike DPO, which keeps rewarding a larger margin."""
-    ref = torch.zeros(2, 2, dtype=torch.float64)
-    loss_at, _ = ipo_loss(torch.tensor([[2.0, -3.0]], dtype=torch.float64), ref[:1], beta=0.1)
-    loss_over, _ = ipo_loss(torch.tensor([[4.0, -3.0]], dtype=torch.float64), ref[:1], beta=0.1)
+    ref, ones = torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+    loss_at, _ = ipo_loss(torch.tensor([[2.0, -3.0]], dtype=torch.float64), ref, beta=0.1, lengths=ones)
+    loss_over, _ = ipo_loss(torch.tensor([[4.0, -3.0]], dtype=torch.float64), ref, beta=0.1, lengths=ones)
     assert loss_at.item() == pytest.approx(0.0, abs=1e-12)
     assert loss_over.item() == pytest.approx(4.0, abs=1e-12)
 
@@ -110,12 +119,19 @@ def test_ipo_loss_is_zero_at_the_target_margin_and_penalises_overshoot():
 def test_ipo_loss_matches_a_loop_over_rows():
     g = torch.Generator().manual_seed(1)
     logps, ref = (torch.randn(32, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    lengths = torch.randint(1, 9, (32, 2), generator=g).double()
     beta = 0.5
-    loss, _ = ipo_loss(logps, ref, beta)
+    loss, _ = ipo_loss(logps, ref, beta, lengths)
     expected = sum(
-        (((logps[b, 0] - ref[b, 0]) - (logps[b, 1] - ref[b, 1])).item() - 1.0) ** 2 for b in range(32)
+        (((logps[b, 0] - ref[b, 0]) / lengths[b, 0] - (logps[b, 1] - ref[b, 1]) / lengths[b, 1]).item() - 1.0) ** 2 for b in range(32)
     ) / 32
     assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_ipo_loss_rejects_missing_or_zero_lengths():
+    x = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="token counts"):
+        ipo_loss(x, x, 0.1, lengths=torch.zeros(2, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +148,7 @@ def test_chipo_loss_is_log_two_at_the_reference():
     assert metrics["chipo/reward_rejected"] == pytest.approx(0.5)
     assert metrics["chipo/margin"] == pytest.approx(0.0)
     assert metrics["chipo/accuracy"] == 0.0
-    assert metrics["chipo/clamped_frac"] == 0.0
+    assert metrics["chipo/clipped_frac"] == 0.0 and metrics["chipo/overflow_frac"] == 0.0
 
 
 def test_chipo_loss_hand_derived():
@@ -196,25 +212,43 @@ def test_chipo_loss_matches_a_loop_over_rows():
     assert loss.item() == pytest.approx(total / 32, rel=1e-12)
 
 
+def test_chipo_margin_clip_of_the_paper():
+    """Algorithm 1 clips beta * (phi+ - phi-) to [-2 R_max, 2 R_max]. beta = 1, log z+ = log 2,
+    log z- = 0: the margin 1 + log 2 = 1.693 is clipped to 2 * 0.5 = 1 with r_max = 0.5, so
+    loss = log(1 + e^-1) = 0.3132617 and no gradient passes; with r_max = 1 (clip at 2) nothing is
+    clipped and the loss is the unclipped 0.1688476 of the hand-derived case above."""
+    logps = _pair(math.log(2), 0.0, requires_grad=True)
+    loss, metrics = chipo_loss(logps, _pair(0.0, 0.0), beta=1.0, r_max=0.5)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1)), abs=1e-12)
+    assert logps.grad.tolist() == [[0.0, 0.0]]
+    assert metrics["chipo/clipped_frac"] == 1.0 and metrics["chipo/margin"] == pytest.approx(1.0)
+    wide, metrics = chipo_loss(_pair(math.log(2), 0.0), _pair(0.0, 0.0), beta=1.0, r_max=1.0)
+    assert wide.item() == pytest.approx(0.1688476234983058, abs=1e-12)
+    assert metrics["chipo/clipped_frac"] == 0.0
+    low, _ = chipo_loss(_pair(0.0, math.log(2)), _pair(0.0, 0.0), beta=1.0, r_max=0.5)  # clipped at -1
+    assert low.item() == pytest.approx(math.log1p(math.e), abs=1e-12)
+
+
 def test_chipo_loss_stays_finite_for_a_huge_log_ratio_on_the_rejected_side():
-    """log z- = 1000 (exp would overflow), log z+ = 0, beta = 1. With the exponent clamped at 20:
-    margin = phi(1) - (e^20 + 1000) = 1 - e^20 - 1000, loss = -log sigmoid(margin) = -margin
-    = e^20 + 999 up to float32 rounding. Since sigmoid(-margin) = 1:
+    """log z- = 1000 (exp would overflow), log z+ = 0, beta = 1, no clip. Past the overflow guard
+    z = e^80: margin = phi(1) - (e^80 + 1000), loss = -log sigmoid(margin) = -margin = e^80 + 999 up
+    to float32 rounding. Since sigmoid(-margin) = 1:
       d loss / d logps[0,0] = -(e^0 + 1) = -2
-      d loss / d logps[0,1] = +1 (past the clamp only the log z term passes gradient)
+      d loss / d logps[0,1] = +1 (past the guard only the log z term passes gradient)
     """
     logps = torch.tensor([[0.0, 1000.0]], requires_grad=True)
     loss, metrics = chipo_loss(logps, torch.zeros(1, 2), beta=1.0)
     loss.backward()
     assert math.isfinite(loss.item())
-    assert loss.item() == pytest.approx(math.exp(20) + 999, rel=1e-6)
+    assert loss.item() == pytest.approx(math.exp(80) + 999, rel=1e-6)
     assert logps.grad.tolist() == [[-2.0, 1.0]]
-    assert metrics["chipo/clamped_frac"] == 0.5
+    assert metrics["chipo/overflow_frac"] == 0.5
     assert all(math.isfinite(v) for v in metrics.values())
 
 
 def test_chipo_loss_stays_finite_for_a_huge_log_ratio_on_the_chosen_side():
-    """log z+ = 1000: the margin is about e^20, so loss = log(1 + e^-margin) = 0 and the gradients
+    """log z+ = 1000: the margin is about e^80, so loss = log(1 + e^-margin) = 0 and the gradients
     are 0, all finite."""
     logps = torch.tensor([[1000.0, 0.0]], requires_grad=True)
     loss, _ = chipo_loss(logps, torch.zeros(1, 2), beta=0.1)
@@ -224,23 +258,27 @@ def test_chipo_loss_stays_finite_for_a_huge_log_ratio_on_the_chosen_side():
 
 
 def test_chipo_loss_in_bf16_computes_in_float32():
-    """log z- = 1000 in bf16, beta = 1, log z+ = 0. The loss is computed in float32, so it is
-    e^20 + 999 as in float32 rather than bf16's rounding of e^20 (spacing ~2e6 there), and the
-    gradient comes back in bf16 as [-2, 1] as derived for float32 above."""
-    logps = torch.tensor([[0.0, 1000.0]], dtype=torch.bfloat16, requires_grad=True)
+    """log z+ = log 2 in bf16 (rounded to 0.69140625), beta = 1: computed in float32, the loss is
+    the float32 value on the rounded input, and the gradient comes back in bf16."""
+    u = torch.tensor(math.log(2), dtype=torch.bfloat16).item()
+    logps = torch.tensor([[u, 0.0]], dtype=torch.bfloat16, requires_grad=True)
     loss, _ = chipo_loss(logps, torch.zeros(1, 2, dtype=torch.bfloat16), beta=1.0)
     loss.backward()
+    margin = (math.exp(u) + u) - 1.0
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(math.exp(20) + 999, rel=1e-6)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-margin)), rel=1e-6)
     assert logps.grad.dtype == torch.bfloat16
-    assert logps.grad.tolist() == [[-2.0, 1.0]]
 
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks
 
 
-LOSSES = [dpo_loss, ipo_loss, chipo_loss]
+def _ipo_with_unit_lengths(logps, ref_logps, beta):
+    return ipo_loss(logps, ref_logps, beta, torch.ones(logps.shape) if logps.dim() == 2 and logps.shape[-1] == 2 else torch.ones(4, 2))
+
+
+LOSSES = [dpo_loss, _ipo_with_unit_lengths, chipo_loss]
 
 
 @pytest.mark.parametrize("loss_fn", LOSSES)

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rebelrl.types import Conversation
 
-_PROBE = "\x1dREBELRL-REPLY\x1d"
+_PROBE = "rebelrl-probe-reply-7f3a"
 
 
 class ChatTemplateError(ValueError):

@@ -85,3 +85,18 @@ REFUEL_ARGS = [
     "eval.every=3",
     "checkpoint.every=3",
 ]
+
+
+def die_after_logging(monkeypatch, iteration: int) -> None:
+    """Make runs raise KeyboardInterrupt (as a kill would stop them) right after they log
+    ``iteration`` to metrics.jsonl; ``monkeypatch.undo()`` or the test's end restores the logger."""
+    from rebelrl.train import metrics as metrics_module
+
+    real_log = metrics_module.JsonlLogger.log
+
+    def log_then_die(self, record):
+        real_log(self, record)
+        if self.path.name == "metrics.jsonl" and record["iteration"] == iteration:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(metrics_module.JsonlLogger, "log", log_then_die)

@@ -11,7 +11,7 @@ from rebelrl.eval.dialogue import turn_scores
 from rebelrl.rollout import hf
 from rebelrl.train.config import TrainConfig
 from rebelrl.types import Conversation, Message
-from tests.tiny_run import TINY_ARGS, read_jsonl, setup_task, strip_timings
+from tests.tiny_run import TINY_ARGS, die_after_logging, read_jsonl, setup_task, strip_timings
 
 
 def _train(tmp_path, monkeypatch, name, *extra):
@@ -37,6 +37,7 @@ def test_a_sampler_record_that_drifts_is_replaced_before_the_first_step(tmp_path
     assert "log pi_t is recomputed from now on" in capsys.readouterr().out
     a, b = read_jsonl(exact / "metrics.jsonl"), read_jsonl(caught / "metrics.jsonl")
     assert [m["old_logps_recomputed"] for m in b] == [1.0, 1.0]
+    assert all("time/rollout" in m and "score_mean" in m for m in b)
     assert all(m["logp_mismatch_max"] < 1e-4 for m in b)
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
     wa = load_file(exact / "checkpoints" / "iter-000002" / "model" / "model.safetensors")
@@ -71,18 +72,9 @@ def test_resume_on_gpu_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
     full = _train(tmp_path, monkeypatch, "full", "iterations=4")
     state = torch.load(full / "checkpoints" / "iter-000004" / "trainer_state.pt", weights_only=True)
     assert len(state["rng"]["cuda"]) == torch.cuda.device_count()
-    from rebelrl.train import metrics as metrics_module
-
-    real_log = metrics_module.JsonlLogger.log
-
-    def log_then_die(self, record):
-        real_log(self, record)
-        if self.path.name == "metrics.jsonl" and record["iteration"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(metrics_module.JsonlLogger, "log", log_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path, monkeypatch, "killed", "iterations=4")
-    monkeypatch.setattr(metrics_module.JsonlLogger, "log", real_log)
+    with monkeypatch.context() as patch:
+        die_after_logging(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            _train(tmp_path, monkeypatch, "killed", "iterations=4")
     _train(tmp_path, monkeypatch, "killed", "iterations=4", "--resume")
     assert strip_timings(read_jsonl(full / "metrics.jsonl")) == strip_timings(read_jsonl(tmp_path / "killed" / "metrics.jsonl"))

@@ -153,8 +153,10 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
                         # The sampler's record is not this forward's: recompute log pi_t for the whole
                         # batch now, while theta is still theta_t, and from now on.
                         run.stop_trusting_sampler(gap)
-                        batch = assemble(run, rollout, batch.scores, pairs.index, batch.ref_logps)
-                        pairs = batch.pairs
+                        repaired = assemble(run, rollout, batch.scores, pairs.index, batch.ref_logps)
+                        seconds = batch.metrics["time/logprobs"] + repaired.metrics["time/logprobs"]
+                        repaired.metrics = {**batch.metrics, **repaired.metrics, "time/logprobs": seconds}
+                        batch, pairs = repaired, repaired.pairs
                         gap = (logps.detach() - pairs.old_logps[micro]).abs().max().item()
                     mismatch = gap if mismatch is None else max(mismatch, gap)
                 loss, metrics = loss_fn(logps, pairs, micro)

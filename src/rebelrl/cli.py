@@ -65,8 +65,8 @@ def _resume_hint(cfg: TrainConfig, args: list[str]) -> str:
     command = shlex.join(["rebelrl", "train", *kept, "--resume"])
     checkpoint = latest_checkpoint(Path(cfg.run_dir)) if Path(cfg.run_dir).is_dir() else None
     if checkpoint is None:
-        return f"; no complete checkpoint was saved, so `{command}` starts it again from iteration 0"
-    return f"; the last complete checkpoint is {checkpoint} (iteration {int(checkpoint.name.rsplit('-', 1)[1])}); continue with: {command}"
+        return f"; no complete checkpoint was saved, so resuming starts it again from iteration 0: {command}"
+    return f"; the last complete checkpoint is {checkpoint} (iteration {int(checkpoint.name.rsplit('-', 1)[1])}); resume with: {command}"
 
 
 def _train(cfg: TrainConfig) -> int:

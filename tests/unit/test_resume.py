@@ -169,6 +169,7 @@ def test_an_allowed_change_is_recorded_and_the_new_lr_takes_effect(task_dir, sto
     assert yaml.safe_load((stopped / "config.yaml").read_text())["optim"]["lr"] == 0.003  # how the run started
     # a constant schedule: the lr logged is the lr in force
     assert [m["lr"] for m in read_jsonl(stopped / "metrics.jsonl")] == [0.003, 0.003, 0.001, 0.001]
+    assert "- from iteration 3: `optim.lr`: 0.003 -> 0.001" in (stopped / "report.md").read_text()
     # the same values again are no change; the run's own first config now is one
     assert main([*args(task_dir, stopped, "optim.lr=1e-3", "iterations=6"), "--resume", "--allow-config-change"]) == 0
     assert read_jsonl(stopped / "config_changes.jsonl")[1] == {"from_iteration": 5, "changes": {"iterations": {"old": 4, "new": 6}}}
@@ -179,3 +180,21 @@ def test_an_allowed_change_is_recorded_and_the_new_lr_takes_effect(task_dir, sto
 def test_keys_the_checkpoint_was_built_from_never_change(task_dir, stopped, capsys):
     assert main([*args(task_dir, stopped, "task.n_eval=5"), "--resume", "--allow-config-change"]) == 2
     assert "cannot resume with a different task.n_eval (task.n_eval: 6 -> 5)" in capsys.readouterr().err
+
+
+def test_what_counts_as_a_run_directory(tmp_path):
+    from rebelrl.train.run_dir import is_run_dir
+
+    legacy = tmp_path / "legacy"  # written before runs were marked: run outputs and nothing else
+    (legacy / "checkpoints").mkdir(parents=True)
+    (legacy / "metrics.jsonl").write_text("")
+    (legacy / ".eval.jsonl.tmp4242").write_text("")  # a write a kill cut short
+    assert is_run_dir(legacy)
+    (legacy / "notes.txt").write_text("mine")
+    assert not is_run_dir(legacy)
+    users = tmp_path / "users"  # run-like names, but no run output
+    users.mkdir()
+    (users / "config.yaml").write_text("")
+    assert not is_run_dir(users)
+    (users / ".rebelrl-run").write_text("")
+    assert is_run_dir(users)

@@ -107,17 +107,17 @@ def test_non_finite_metrics_or_weights_are_never_logged_or_saved(tmp_path):
 
 
 def test_a_prompt_longer_than_the_context_is_named_before_any_compute(task, tmp_path, capsys):
-    """The tiny model's context is 512 tokens, its tokenizer one token per character: the prompt is
-    <|im_start|> "user\n" (1 + 5), 2000 x, <|im_end|> "\n" (2), <|im_start|> "assistant\n" (1 + 10) = 2019
-    tokens, against 512 - 8 (the completion budget) = 504."""
+    """The tiny model's context is 2048 tokens, its tokenizer one token per character: the prompt is
+    <|im_start|> "user\n" (1 + 5), 3000 x, <|im_end|> "\n" (2), <|im_start|> "assistant\n" (1 + 10) = 3019
+    tokens, against 2048 - 8 (the completion budget) = 2040."""
     with open(task, "a") as f:
-        f.write(json.dumps({"prompt": "x" * 2000}) + "\n")
+        f.write(json.dumps({"prompt": "x" * 3000}) + "\n")
     run = tmp_path / "run"
     assert train(task, run) == 2
     line = one_line(capsys)
     where = rf"(training|held-out) prompt \d+ \({re.escape(str(task))}, line {len(PROMPTS) + 1}\)"
-    assert re.match(rf"rebelrl train: {where}: 2019 tokens with the chat template; the model's context of 512 tokens", line), line
-    assert "minus the completion budget of 8 leaves 504: shorten or drop the prompt" in line
+    assert re.match(rf"rebelrl train: {where}: 3019 tokens with the chat template; the model's context of 2048 tokens", line), line
+    assert "minus the completion budget of 8 leaves 2040: shorten or drop the prompt" in line
     assert not (run / "eval.jsonl").exists()  # nothing was generated
 
 

@@ -60,13 +60,14 @@ def _resume_hint(cfg: TrainConfig, args: list[str]) -> str:
     from pathlib import Path
 
     from rebelrl.train.checkpoint import latest_checkpoint
+    from rebelrl.train.run_dir import checkpoint_iteration
 
     kept = [a for a in args if not a.startswith(("resume=", "allow_config_change="))]
     command = shlex.join(["rebelrl", "train", *kept, "--resume"])
     checkpoint = latest_checkpoint(Path(cfg.run_dir)) if Path(cfg.run_dir).is_dir() else None
     if checkpoint is None:
         return f"; no complete checkpoint was saved, so resuming starts it again from iteration 0: {command}"
-    return f"; the last complete checkpoint is {checkpoint} (iteration {int(checkpoint.name.rsplit('-', 1)[1])}); resume with: {command}"
+    return f"; the last complete checkpoint is {checkpoint} (iteration {checkpoint_iteration(checkpoint)}); resume with: {command}"
 
 
 def _train(cfg: TrainConfig) -> int:

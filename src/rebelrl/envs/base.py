@@ -67,7 +67,9 @@ class UserSimulatorError(EnvError):
     """A user simulator kept returning unusable messages (wrong count, not a string, or blank)."""
 
 
-def ask_rows(ask: Callable[[list[int]], Any], n: int, row_problem: Callable[[Any], str | None], max_retries: int, noun: str = "results"):
+def ask_rows(
+    ask: Callable[[list[int]], Any], n: int, row_problem: Callable[[Any], str | None], max_retries: int, noun: str = "results"
+) -> tuple[list[Any], dict[int, str]]:
     """Ask for ``n`` rows, then again for the unusable ones alone, at most ``max_retries`` more times.
 
     ``ask(rows)`` returns one answer per row asked; an answer that is not a list of that length
@@ -158,6 +160,8 @@ class CheckedEnv:
         return checked_step(self.env, conversations, self.name, self.max_retries)
 
     def __getattr__(self, attr: str) -> Any:  # anything else the task's own code reads
+        if attr in ("env", "name", "max_retries") or attr.startswith("__"):
+            raise AttributeError(attr)  # not yet set (a copy being built): no recursion through self.env
         return getattr(self.env, attr)
 
 

@@ -128,6 +128,9 @@ def test_a_reward_failing_in_evaluation_is_named_by_its_spec_and_row(task, tmp_p
         rf"rebelrl train: reward 'tiny_guards:always_nan': held-out prompt 0 \({re.escape(str(task))}, line \d+\) is nan, expected a finite float",
         line,
     ), line
+    # dialogues too: the per-turn judge names the reward, not 'reward'
+    assert main(["train", *REFUEL_ARGS, "reward.fn=tiny_guards:always_nan", f"run_dir={tmp_path / 'dialogue'}", "iterations=1"]) == 2
+    assert one_line(capsys) == "rebelrl train: reward 'tiny_guards:always_nan': held-out prompt 0 is nan, expected a finite float"
 
 
 @pytest.mark.parametrize(

@@ -180,6 +180,12 @@ def test_an_allowed_change_is_recorded_and_the_new_lr_takes_effect(task_dir, sto
 def test_keys_the_checkpoint_was_built_from_never_change(task_dir, stopped, capsys):
     assert main([*args(task_dir, stopped, "task.n_eval=5"), "--resume", "--allow-config-change"]) == 2
     assert "cannot resume with a different task.n_eval (task.n_eval: 6 -> 5)" in capsys.readouterr().err
+    # the rollout budget is also the evaluation's while eval.max_new_tokens is null: win rates against
+    # iteration 0 would compare replies of different lengths
+    assert main([*args(task_dir, stopped, "rollout.max_new_tokens=6"), "--resume", "--allow-config-change"]) == 2
+    assert "cannot resume with a different held-out sampling" in capsys.readouterr().err
+    assert main([*args(task_dir, stopped, "rollout.max_new_tokens=6", "eval.max_new_tokens=8"), "--resume", "--allow-config-change"]) == 2
+    assert "eval.max_new_tokens" in capsys.readouterr().err  # eval.* themselves are frozen
 
 
 def test_what_counts_as_a_run_directory(tmp_path):

@@ -162,6 +162,12 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, An
     return diff
 
 
+def eval_sampling(config: dict[str, Any]) -> tuple:
+    """How held-out evaluations sample (temperature, top_p, top_k, budget); flattened config in."""
+    temperature = config["eval.temperature"] if config["eval.temperature"] is not None else config["rollout.temperature"]
+    return temperature, config["rollout.top_p"], config["rollout.top_k"], config["eval.max_new_tokens"] or config["rollout.max_new_tokens"]
+
+
 def record_config_changes(run_dir: Path, cfg, iteration: int) -> None:
     """Compare ``cfg`` with the run's config at checkpoint ``iteration``; refuse or record the change.
 
@@ -171,11 +177,15 @@ def record_config_changes(run_dir: Path, cfg, iteration: int) -> None:
     kept = [c for c in read_changes(run_dir) if c["from_iteration"] <= iteration]
     if (run_dir / CONFIG_CHANGES).exists():
         write_atomic(run_dir / CONFIG_CHANGES, "".join(json.dumps(c) + "\n" for c in kept))
-    diff = config_diff(run_config(run_dir), flatten(to_dict(cfg)), flatten(to_dict(type(cfg)())))
+    defaults = flatten(to_dict(type(cfg)()))
+    old, new = run_config(run_dir), flatten(to_dict(cfg))
+    diff = config_diff(old, new, defaults)
     if not diff:
         return
-    listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in diff.items())
+    listed = "; ".join(f"{key}: {before!r} -> {after!r}" for key, (before, after) in diff.items())
     frozen = [key for key in diff if any(key == f or (f.endswith(".") and key.startswith(f)) for f in FROZEN_ON_RESUME)]
+    if eval_sampling({**defaults, **old}) != eval_sampling(new):
+        frozen.append("held-out sampling (eval.* left null take rollout.*)")
     if frozen:
         raise RunDirError(
             f"{run_dir}: cannot resume with a different {', '.join(frozen)} ({listed}): the checkpoint and the "

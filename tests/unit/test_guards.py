@@ -14,7 +14,7 @@ from rebelrl.errors import NonFiniteError
 from rebelrl.models import tiny_model, tiny_tokenizer
 from rebelrl.train.config import TrainConfig
 from rebelrl.train.optim import make_optimizer, make_schedule
-from tests.tiny_run import PROMPTS, REFUEL_ARGS, TINY_ARGS, read_jsonl, setup_task
+from tests.tiny_run import PROMPTS, REFUEL_ARGS, TINY_ARGS, setup_task
 
 GUARD_MODULE = '''
 from rebelrl.envs import StepResult

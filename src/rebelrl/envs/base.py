@@ -221,7 +221,7 @@ class UserEnv:
         if callable(self.starts):
             out = list(self.starts(n, seed))
             if len(out) != n or not all(isinstance(c, Conversation) for c in out):
-                raise ValueError(f"start function returned {len(out)} items for n={n}, expected {n} Conversations")
+                raise EnvError(f"UserEnv: start function returned {len(out)} items for n={n}, expected {n} Conversations")
         else:
             order = list(range(len(self.starts)))
             random.Random(seed).shuffle(order)

@@ -5,7 +5,7 @@ import doctest
 import pytest
 
 from rebelrl.envs import secret
-from rebelrl.envs.base import Env, StepResult, UserEnv, UserSimulatorError, load_user_simulator
+from rebelrl.envs.base import Env, EnvError, StepResult, UserEnv, UserSimulatorError, load_user_simulator
 from rebelrl.envs.secret import (
     CATALOG,
     KEYWORDS,
@@ -221,7 +221,7 @@ def test_user_env_reset_cycles_a_shuffled_list_and_checks_start_functions():
     assert ids == [c.meta["id"] for c in env.reset(6, seed=0)]
     a, b = env.reset(4, seed=0)[0], env.reset(4, seed=0)[3]
     assert a.meta is not b.meta  # the same start drawn twice does not share its meta
-    with pytest.raises(ValueError, match="returned 1 items for n=2"):
+    with pytest.raises(EnvError, match="UserEnv: start function returned 1 items for n=2"):
         UserEnv(lambda n, seed: _starts(1), EchoUser(), horizon=2).reset(2, seed=0)
 
 

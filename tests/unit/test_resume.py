@@ -189,13 +189,16 @@ def test_keys_the_checkpoint_was_built_from_never_change(task_dir, stopped, caps
 
 
 def test_what_counts_as_a_run_directory(tmp_path):
-    from rebelrl.train.run_dir import is_run_dir
+    from rebelrl.train.run_dir import clean_interrupted_writes, is_run_dir
 
     legacy = tmp_path / "legacy"  # written before runs were marked: run outputs and nothing else
     (legacy / "checkpoints").mkdir(parents=True)
     (legacy / "metrics.jsonl").write_text("")
-    (legacy / ".eval.jsonl.tmp4242").write_text("")  # a write a kill cut short
+    (legacy / ".eval.jsonl.tmp4242").write_text("")  # writes a kill cut short
+    (legacy / ".report.md.k2x9.tmp").write_text("")
     assert is_run_dir(legacy)
+    clean_interrupted_writes(legacy)
+    assert sorted(p.name for p in legacy.iterdir()) == ["checkpoints", "metrics.jsonl"]
     (legacy / "notes.txt").write_text("mine")
     assert not is_run_dir(legacy)
     users = tmp_path / "users"  # run-like names, but no run output

@@ -37,7 +37,8 @@ RUN_FILES = frozenset({
     MARKER, CONFIG, CONFIG_CHANGES, "metrics.jsonl", "eval.jsonl", "eval_initial.jsonl",
     "eval_samples_latest.jsonl", "report.md", "plots", "checkpoints",
 })
-_INTERRUPTED_WRITE = re.compile(r"^\..+\.tmp\d+$")  # write_atomic's temporary name, left by a kill
+# The temporary names of atomic writes (".latest.tmp<pid>", ".report.md.<random>.tmp"), left by a kill.
+_INTERRUPTED_WRITE = re.compile(r"^\..+\.tmp\d*$")
 # Keys that describe the run rather than how it trains; they may differ on every resume.
 IGNORED_ON_RESUME = ("run_dir", "resume", "allow_config_change")
 # Keys a resumed run cannot honour: the checkpoint's weights, the data order, and the held-out
@@ -98,7 +99,7 @@ def mark(run_dir: Path) -> None:
 
 def clean_interrupted_writes(run_dir: Path) -> None:
     """Delete the temporary files and folders of writes a kill cut short (they are never read)."""
-    for folder in (run_dir, run_dir / "checkpoints"):
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "plots"):
         for path in folder.glob(".*") if folder.is_dir() else []:
             if _INTERRUPTED_WRITE.match(path.name) and path.is_file():
                 path.unlink()

@@ -13,7 +13,7 @@ curves are saved as ``per_turn.png`` next to the runs.
     python benchmarks/refuel_vs_baselines.py --seeds 0 1 2     # three training seeds per method
     python benchmarks/refuel_vs_baselines.py iterations=4      # overrides go to every run
 
-A run whose report exists is read, not retrained; one with checkpoints but no report is resumed.
+A run whose report exists is read, not retrained; one started but unfinished is resumed (from scratch if it has no checkpoint).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main() -> None:
             if (run_dir / "report.md").exists():
                 continue
             cmd = [sys.executable, "-m", "rebelrl.cli", "train", str(config), f"run_dir={run_dir}", f"seed={seed}", *method_overrides, *args.overrides]
-            if (run_dir / "checkpoints").exists():
+            if run_dir.exists():
                 cmd.append("--resume")
             print(f"== {name}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
             subprocess.run(cmd, check=True)

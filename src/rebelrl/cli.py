@@ -1,16 +1,20 @@
 """``rebelrl train|eval|generate CONFIG.yaml key.sub=value ...``
 
 Each command reads one YAML file (optional for eval and generate) plus dotted overrides, prints the
-resolved config and refuses unknown keys or wrong types before any model is loaded.
+resolved config and refuses unknown keys, wrong types and meaningless values before any model is
+loaded. A mistake in what the user gave (``UserError``: config, data, reward, env, run directory)
+ends the command with one line and exit code 2; Ctrl-C with what was saved and exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from rebelrl.config import ConfigError, describe, load_config, to_yaml
+from rebelrl.errors import UserError
 from rebelrl.train.config import EvalCommandConfig, GenerateConfig, TrainConfig
 
 COMMANDS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig}
@@ -25,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--fields", action="store_true", help="list every config field with its default and help")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
+            p.add_argument("--allow-config-change", action="store_true", help="with --resume: apply a config that differs from the run's")
     ns = parser.parse_args(argv)
     cls = COMMANDS[ns.command]
     if ns.fields:
@@ -33,15 +38,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     path = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if path else ns.args
-    if getattr(ns, "resume", False):
-        overrides = [*overrides, "resume=true"]
+    flags = [f"{key}=true" for key in ("resume", "allow_config_change") if getattr(ns, key, False)]
+    cfg = None
     try:
-        cfg = load_config(cls, path, overrides)
+        cfg = load_config(cls, path, [*overrides, *flags])
+        _quiet_libraries()
+        return {"train": _train, "eval": _eval, "generate": _generate}[ns.command](cfg)
     except ConfigError as e:
         print(f"rebelrl {ns.command}: config error: {e}", file=sys.stderr)
         return 2
-    _quiet_libraries()
-    return {"train": _train, "eval": _eval, "generate": _generate}[ns.command](cfg)
+    except UserError as e:
+        print(f"rebelrl {ns.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nrebelrl {ns.command}: interrupted" + (_resume_hint(cfg, ns.args) if ns.command == "train" and cfg else ""), file=sys.stderr)
+        return 130
+
+
+def _resume_hint(cfg: TrainConfig, args: list[str]) -> str:
+    """What an interrupted run saved, and the exact command that continues it."""
+    from pathlib import Path
+
+    from rebelrl.train.checkpoint import latest_checkpoint
+    from rebelrl.train.run_dir import checkpoint_iteration
+
+    kept = [a for a in args if not a.startswith(("resume=", "allow_config_change="))]
+    command = shlex.join(["rebelrl", "train", *kept, "--resume"])
+    checkpoint = latest_checkpoint(Path(cfg.run_dir)) if Path(cfg.run_dir).is_dir() else None
+    if checkpoint is None:
+        return f"; no complete checkpoint was saved, so resuming starts it again from iteration 0: {command}"
+    return f"; the last complete checkpoint is {checkpoint} (iteration {checkpoint_iteration(checkpoint)}); resume with: {command}"
 
 
 def _train(cfg: TrainConfig) -> int:
@@ -56,11 +82,15 @@ def _eval(cfg: EvalCommandConfig) -> int:
     from rebelrl.eval import evaluate, save_samples
     from rebelrl.eval.dialogue import evaluate_dialogues, per_turn_table, save_dialogues
     from rebelrl.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+    from rebelrl.rewards import checked_reward
     from rebelrl.rollout import HFGenerator, SamplingParams
+    from rebelrl.train.threads import pin_threads
 
     print(to_yaml(cfg), file=sys.stderr)
+    pin_threads()
     task = build_task(cfg.task)
-    _, reward_fn = task_reward(task, cfg.reward)
+    reward_name, reward_fn = task_reward(task, cfg.reward)
+    reward_fn = checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i))
     baseline_name = cfg.baseline or DEFAULT_MODEL
     tokenizer = load_tokenizer(baseline_name, cfg.task.prompt_format)
     baseline = load_causal_lm(baseline_name, cfg.dtype)
@@ -96,10 +126,10 @@ def _generate(cfg: GenerateConfig) -> int:
     from rebelrl.data import load_prompts
     from rebelrl.models import load_causal_lm, load_tokenizer
     from rebelrl.rollout import HFGenerator, SamplingParams
+    from rebelrl.train.threads import pin_threads
     from rebelrl.types import Conversation
 
-    if (cfg.prompts is None) == (cfg.prompt is None):
-        raise SystemExit("rebelrl generate: give exactly one of prompts=FILE or prompt='text'")
+    pin_threads()
     prompts = (
         load_prompts(cfg.prompts, system_prompt=cfg.system_prompt)
         if cfg.prompts

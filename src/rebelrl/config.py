@@ -16,11 +16,31 @@ from typing import Any, TypeVar
 
 import yaml
 
+from rebelrl.errors import UserError
+
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config that cannot mean what the user wants; the message names the dotted key."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error: plain YAML keeps the
+    last one silently, so a section written twice would lose every value of its first copy."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in first:
+                    raise ConfigError(f"line {line}: duplicate key {key!r} (first on line {first[key]}): merge the two into one")
+                first.setdefault(key, line)
+        return super().construct_mapping(node, deep)
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
@@ -38,9 +58,13 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}, {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
     for item in overrides:
@@ -48,9 +72,11 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -75,6 +101,8 @@ def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise  # already names its key
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
 

@@ -6,19 +6,25 @@ import importlib
 import inspect
 from typing import Any
 
+from rebelrl.errors import UserError
+
+
+class SpecError(UserError, ValueError):
+    """An import path in a config that does not name a usable object."""
+
 
 def import_object(spec: str, what: str) -> Any:
     """The object named by ``"package.module:attr.sub"``; errors name ``what`` and the spec."""
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not module_name.strip() or not attr_path.strip() or ":" in attr_path:
-        raise ValueError(f"{what} {spec!r}: expected an import path 'package.module:attr'")
+        raise SpecError(f"{what} {spec!r}: expected an import path 'package.module:attr'")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r}: {e}") from e
+        raise SpecError(f"{what} {spec!r}: cannot import module {module_name!r}: {e}") from e
     for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {part!r}")
+            raise SpecError(f"{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {part!r}")
         obj = getattr(obj, part)
     return obj
 
@@ -30,8 +36,8 @@ def build_object(obj: Any, spec: str, what: str, kwargs: dict | None = None, **f
     if not (kwargs or inspect.isclass(obj)):
         return obj
     if not callable(obj):
-        raise ValueError(f"{what} {spec!r}: got kwargs {sorted(kwargs or {})} but {obj!r} is not callable")
+        raise SpecError(f"{what} {spec!r}: got kwargs {sorted(kwargs or {})} but {obj!r} is not callable")
     try:
         return obj(**fixed, **(kwargs or {}))
     except TypeError as e:
-        raise ValueError(f"{what} {spec!r}: building it with kwargs {sorted({**fixed, **(kwargs or {})})} failed: {e}") from e
+        raise SpecError(f"{what} {spec!r}: building it with kwargs {sorted({**fixed, **(kwargs or {})})} failed: {e}") from e

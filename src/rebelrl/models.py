@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rebelrl.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -65,15 +67,35 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+class ModelNotFoundError(UserError, FileNotFoundError):
+    pass
+
+
+def looks_like_path(name: str) -> bool:
+    """A local folder rather than a hub id ("org/name"): absolute, ``./``, ``../`` or ``~``, more than
+    one ``/``, or an "org" part that is a folder here."""
+    if name in (".", "..") or name.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        return True
+    parts = name.replace("\\", "/").split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def check_model_path(name: str) -> None:
+    """Refuse a path-like name that is not a folder, before the hub reports it as a bad repo id."""
+    if name not in (DEFAULT_MODEL, TINY_MODEL) and looks_like_path(name) and not Path(name).expanduser().is_dir():
+        raise ModelNotFoundError(f"model folder not found: {name}")
+
+
 def resolve_model_path(name: str) -> str:
     """Map an alias to a local folder (converting on first use); other names pass through."""
+    check_model_path(name)
     if name == DEFAULT_MODEL:
         target = cache_dir() / "models" / DEFAULT_MODEL
         marker = target / _CONVERTED_MARKER
         if not marker.exists() or marker.read_text().strip() != _CONVERSION_VERSION:
             _convert_smollm2(target)
         return str(target)
-    return name
+    return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
 def load_tokenizer(name: str, prompt_format: str = "auto") -> PreTrainedTokenizerFast:
@@ -155,7 +177,7 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: i
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=2048,  # one token per character: room for the secret game's 764-character intro
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

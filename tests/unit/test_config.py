@@ -42,7 +42,7 @@ def test_round_trip_through_resolved_yaml(tmp_path):
         ("optim.betas=0.9", "optim.betas: expected a list"),
         ("rebel=3", "rebel: expected a mapping"),
         ("noequals", "must look like key.sub=value"),
-        ("rollout.samples_per_prompt=1", "samples_per_prompt must be >= 2"),
+        ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt=1: expected >= 2"),
     ],
 )
 def test_bad_config_names_the_key(override, message):

@@ -151,3 +151,16 @@ def test_source_errors(tmp_path):
     assert _error(str(broken)).startswith(f"{broken}: cannot read (")
     with pytest.raises(ValueError, match="limit must be a positive"):
         load_prompts(missing, limit=0)
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n{"prompt": "also fine"}\n')
+    assert _error(str(path)) == f"{path}, line 2: not valid UTF-8 (byte 0xe9 at column 16)"
+
+
+def test_rows_carry_where_they_came_from(tmp_path):
+    from rebelrl.data import load_prompt_rows
+
+    rows = load_prompt_rows(_jsonl(tmp_path, [json.dumps(ROWS[0]), "", json.dumps(ROWS[2])]))
+    assert [where for where, _ in rows] == [f"{tmp_path / 'prompts.jsonl'}, line 1", f"{tmp_path / 'prompts.jsonl'}, line 3"]

@@ -5,7 +5,7 @@ import doctest
 import pytest
 
 from rebelrl.envs import secret
-from rebelrl.envs.base import Env, StepResult, UserEnv, UserSimulatorError, load_user_simulator
+from rebelrl.envs.base import Env, EnvError, StepResult, UserEnv, UserSimulatorError, load_user_simulator
 from rebelrl.envs.secret import (
     CATALOG,
     KEYWORDS,
@@ -221,7 +221,7 @@ def test_user_env_reset_cycles_a_shuffled_list_and_checks_start_functions():
     assert ids == [c.meta["id"] for c in env.reset(6, seed=0)]
     a, b = env.reset(4, seed=0)[0], env.reset(4, seed=0)[3]
     assert a.meta is not b.meta  # the same start drawn twice does not share its meta
-    with pytest.raises(ValueError, match="returned 1 items for n=2"):
+    with pytest.raises(EnvError, match="UserEnv: start function returned 1 items for n=2"):
         UserEnv(lambda n, seed: _starts(1), EchoUser(), horizon=2).reset(2, seed=0)
 
 
@@ -313,3 +313,76 @@ def test_load_user_simulator_errors_name_the_spec(spec, kwargs, message):
     with pytest.raises(ValueError, match=message) as err:
         load_user_simulator(spec, kwargs)
     assert f"user simulator {spec!r}" in str(err.value)
+
+
+# ---- a user's own Env, checked where its results enter the library ------------------------------------
+
+
+class ScriptedEnv:
+    """Answers "ok" to every conversation, except that ``bad(i, call)`` can spoil the answers."""
+
+    horizon = 3
+
+    def __init__(self, spoil=None):
+        self.spoil = spoil or (lambda results, call: results)
+        self.calls = 0
+
+    def reset(self, n, seed):
+        return _starts(n, bad=())
+
+    def step(self, conversations):
+        self.calls += 1
+        return self.spoil([StepResult("ok", False) for _ in conversations], self.calls)
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda rs, call: rs[:-1], "env my:Env: step returned 2 results for a batch of 3 for row 0 (and 2 more rows) after 3 attempts"),
+        (lambda rs, call: [*rs[:-1], StepResult("", False)], "env my:Env: step returned user_message='' with done=False for row 2 after 3 attempts"),
+        (lambda rs, call: [*rs[:-1], StepResult(None, False)], "user_message=None with done=False for row 2"),
+        (lambda rs, call: [*rs[:-1], ("ok", False)], "returned ('ok', False) (tuple) for row 2"),
+        (lambda rs, call: "ok", "returned a str for a batch of 3"),
+    ],
+)
+def test_checked_step_names_the_env_and_what_it_returned(spoil, message):
+    from rebelrl.envs.base import EnvError, checked_step
+
+    env = ScriptedEnv(spoil)
+    with pytest.raises(EnvError) as err:
+        checked_step(env, _replied(_starts(3)), "my:Env")
+    assert message in str(err.value)
+    assert env.calls == 3  # asked once, then twice more, like UserEnv's user
+
+
+def test_checked_step_retries_only_the_bad_rows_and_accepts_done_without_a_message():
+    from rebelrl.envs.base import checked_step
+
+    asked = []
+
+    class Env(ScriptedEnv):
+        def step(self, conversations):
+            asked.append([c.meta["id"] for c in conversations])
+            return [StepResult("", False) if c.meta["id"] == 1 and len(asked) == 1 else StepResult(None, True) if c.meta["id"] == 2 else StepResult("ok", False) for c in conversations]
+
+    results = checked_step(Env(), _replied(_starts(3)), "e")
+    assert results == [StepResult("ok", False), StepResult("ok", False), StepResult(None, True)]
+    assert asked == [[0, 1, 2], [1]]
+
+
+@pytest.mark.parametrize(
+    "reset, message",
+    [
+        (lambda n: _starts(n - 1), "env e: reset(4, seed=0) returned 3 conversations; expected 4 Conversations"),
+        (lambda n: [*_starts(n - 1), "hi"], "returned str for row 3; expected a Conversation"),
+        (lambda n: [*_starts(n - 1), _replied(_starts(1))[0]], "row 3: a dialogue must open with a non-empty user message last"),
+    ],
+)
+def test_checked_reset_names_the_env_and_the_row(reset, message):
+    from rebelrl.envs.base import CheckedEnv, EnvError
+
+    env = ScriptedEnv()
+    env.reset = lambda n, seed: reset(n)
+    with pytest.raises(EnvError) as err:
+        CheckedEnv(env, "e").reset(4, seed=0)
+    assert message in str(err.value)

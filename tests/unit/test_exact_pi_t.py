@@ -61,7 +61,7 @@ def test_dialogue_evaluation_applies_the_no_eos_penalty_of_training():
 
 
 def test_greedy_evaluation_is_refused_for_training():
-    with pytest.raises(ConfigError, match="eval.temperature must be > 0"):
+    with pytest.raises(ConfigError, match="eval.temperature=0"):
         load_config(TrainConfig, None, ["eval.temperature=0"])
 
 

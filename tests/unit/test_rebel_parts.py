@@ -59,8 +59,8 @@ def test_bad_prompt_file_fails_before_any_model_is_loaded(tmp_path, monkeypatch,
     import rebelrl.models as models
 
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded before validation"))
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2, field 'prompt'"):
-        main(["train", *TINY_ARGS, f"task.prompts={bad}", f"run_dir={tmp_path / 'r'}"])
+    assert main(["train", *TINY_ARGS, f"task.prompts={bad}", f"run_dir={tmp_path / 'r'}"]) == 2
+    assert f"rebelrl train: {bad}, line 2, field 'prompt': expected a string, got int" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

@@ -6,7 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rebelrl.algos import rebel
 from rebelrl.cli import main
+from rebelrl.config import load_config
+from rebelrl.train.config import TrainConfig
 from rebelrl.models import tiny_model, tiny_tokenizer
 from tests.tiny_run import TINY_ARGS, read_jsonl, setup_task, strip_timings
 
@@ -69,14 +72,16 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(tmp_path, monkeypatch
 
     monkeypatch.setattr(metrics_module.JsonlLogger, "log", log_then_die)
     killed = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
-        train(tmp_path, monkeypatch, killed, "iterations=5")
+    prompts = setup_task(tmp_path, monkeypatch)
+    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", f"run_dir={killed}", "iterations=5"]) == 130
     monkeypatch.setattr(metrics_module.JsonlLogger, "log", real_log)
     assert len(read_jsonl(killed / "metrics.jsonl")) == 3
 
     # Starting again without --resume must not touch it.
-    with pytest.raises(Exception, match="already holds a run"):
-        train(tmp_path, monkeypatch, killed, "iterations=5")
+    from rebelrl.train.run_dir import RunDirError
+
+    with pytest.raises(RunDirError, match="already holds a run"):
+        rebel.train(load_config(TrainConfig, None, [*TINY_ARGS, f"task.prompts={prompts}", f"run_dir={killed}", "iterations=5"]))
     train(tmp_path, monkeypatch, killed, "iterations=5", "--resume")
 
     assert strip_timings(read_jsonl(killed / "metrics.jsonl")) == strip_timings(read_jsonl(full / "metrics.jsonl"))
@@ -112,4 +117,5 @@ def test_resume_after_sigkill(tmp_path, monkeypatch):
 
     assert main([*args, "--resume"]) == 0
     assert strip_timings(read_jsonl(killed / "metrics.jsonl")) == strip_timings(read_jsonl(full / "metrics.jsonl"))
-    assert not list((killed / "checkpoints").glob(".tmp-*"))  # what the kill left half-written is cleaned up
+    # what the kill left half-written is cleaned up
+    assert not list((killed / "checkpoints").glob(".tmp-*")) and not list(killed.rglob(".*.tmp*"))

@@ -127,6 +127,8 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
     cfg = run.cfg.rebel
     loss_fn = loss_fn or rebel_pair_loss(cfg.eta)
     rollout, pairs = batch.rollout, batch.pairs
+    # Scores are checked as they come; a reward can still overflow through the KL penalty.
+    run.stop_if_non_finite("reward after the KL penalty", pairs.rewards.abs().max().item(), "check rebel.kl_coef and the reference model")
     temperature = run.sampling.logprob_temperature
     losses, grad_norms, fit, mismatch = [], [], [], None
     for _ in range(cfg.epochs):
@@ -164,6 +166,9 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
                 (loss * len(micro) / len(minibatch)).backward()
                 total += loss.item() * len(micro) / len(minibatch)
                 fit.append(metrics)
+            if not math.isfinite(total):
+                span = f"[{pairs.rewards.min().item():.3g}, {pairs.rewards.max().item():.3g}]"
+                run.stop_if_non_finite("loss", total, f"the pair rewards span {span}: scale the reward down if it is large, else lower optim.lr")
             grad_norms.append(run.clip_and_step())
             losses.append(total)
     return {

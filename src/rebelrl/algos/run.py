@@ -5,6 +5,7 @@ for the rest, so the loop itself stays readable top to bottom.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -15,24 +16,25 @@ import torch
 from tqdm.auto import tqdm
 
 from rebelrl.config import to_yaml
+from rebelrl.data import PromptDataError
 from rebelrl.envs import Task, build_task, task_reward
+from rebelrl.errors import NonFiniteError
 from rebelrl.eval import evaluate, load_sample_scores, read_jsonl, save_samples, score_conversations, score_rollout, write_report
 from rebelrl.eval.dialogue import evaluate_dialogues, load_turn_scores, per_turn_table, plot_per_turn, save_dialogues
 from rebelrl.logprobs import rollout_logprobs
 from rebelrl.models import AdapterDisabled, apply_lora, load_causal_lm, load_tokenizer
-from rebelrl.rewards import RewardFn
+from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.seeding import seed_everything, set_rng_state
+from rebelrl.train import run_dir as run_dirs
 from rebelrl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_atomic
-from rebelrl.train.config import TrainConfig
+from rebelrl.train.config import OptimConfig, TrainConfig
 from rebelrl.train.metrics import JsonlLogger
 from rebelrl.train.optim import make_optimizer, make_schedule
+from rebelrl.train.run_dir import RunDirError  # noqa: F401  (raised through here since the first version)
+from rebelrl.train.threads import pin_threads
 
 INITIAL_SAMPLES = "eval_initial.jsonl"
-
-
-class RunDirError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -50,8 +52,10 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampling: SamplingParams
     eval_sampling: SamplingParams
+    eval_reward_fn: RewardFn = None  # reward_fn, its errors naming the held-out prompt
     start_iteration: int = 0
     recompute_old: bool = False  # log pi_t from a forward pass after sampling, not the sampler's record
+    iteration: int = 0  # the iteration being trained (0 before the first)
     metrics_log: JsonlLogger = None
     eval_log: JsonlLogger = None
     baseline_scores: torch.Tensor | None = None
@@ -63,35 +67,38 @@ class Run:
     @classmethod
     def start(cls, cfg: TrainConfig, steps_per_iteration: int) -> Run:
         """Validate everything cheap first (run dir, prompts, reward), then load models and resume."""
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        threads = pin_threads(cfg.threads)
         run_dir = Path(cfg.run_dir)
-        checkpoint = _check_run_dir(run_dir, cfg.resume)
+        checkpoint = run_dirs.prepare(cfg)
         task = build_task(cfg.task)
         reward_name, reward_fn = task_reward(task, cfg.reward)
         seed_everything(cfg.seed)
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
-        print(f"rebelrl: resolved config ({run_dir / 'config.yaml'})\n{to_yaml(cfg)}", file=sys.stderr)
+        run_dirs.mark(run_dir)
+        if checkpoint is None:  # a resumed run keeps the config it started with; changes are in config_changes.jsonl
+            write_atomic(run_dir / run_dirs.CONFIG, to_yaml(cfg))
+        print(f"rebelrl: resolved config ({run_dir / run_dirs.CONFIG})\n{to_yaml(cfg)}", file=sys.stderr)
+        print(f"rebelrl: {threads} CPU threads, pinned for the whole run", file=sys.stderr)
 
         tokenizer = load_tokenizer(cfg.model.name, cfg.task.prompt_format)
         policy, ref = _load_models(cfg, checkpoint)
+        r = cfg.rollout
+        eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
+        check_prompt_lengths(task, tokenizer, _context_length(policy), max(r.max_new_tokens, eval_budget))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         policy.to(device)
         ref.to(device)
         optimizer = make_optimizer(policy.parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
         scheduler = make_schedule(optimizer, cfg.optim.schedule, cfg.iterations * steps_per_iteration, cfg.optim.warmup_steps)
-        r = cfg.rollout
         sampling = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, r.repetition_penalty, r.min_new_tokens)
         # Evaluation samples as training does, at its own temperature and budget if set.
-        eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         eval_temperature = cfg.eval.temperature if cfg.eval.temperature is not None else r.temperature
         eval_sampling = SamplingParams(eval_temperature, r.top_p, r.top_k, eval_budget, r.repetition_penalty, min(r.min_new_tokens, eval_budget))
         run = cls(
             cfg=cfg, run_dir=run_dir, task=task, reward_fn=reward_fn, reward_name=reward_name, tokenizer=tokenizer,
             policy=policy, ref=ref, generator=HFGenerator(policy, tokenizer, r.batch_size), optimizer=optimizer,
             scheduler=scheduler, sampling=sampling, eval_sampling=eval_sampling,
+            eval_reward_fn=checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i)),
             metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
             recompute_old=_recompute_old(cfg, policy),
         )
@@ -111,6 +118,7 @@ class Run:
         state = load_trainer_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_optim_config(self.optimizer, self.scheduler, self.cfg.optim)
         set_rng_state(state["rng"])
         self.start_iteration = state["iteration"]
         self.recompute_old = state.get("recompute_old", self.recompute_old)
@@ -129,7 +137,9 @@ class Run:
             range(self.start_iteration + 1, self.cfg.iterations + 1),
             initial=self.start_iteration, total=self.cfg.iterations, desc="rebelrl", unit="it", dynamic_ncols=True,
         )
-        return self._bar
+        for iteration in self._bar:
+            self.iteration = iteration
+            yield iteration
 
     def prompts_for(self, iteration: int):
         """The prompts of ``iteration`` (1-based): consecutive slices of an endless stream of epochs,
@@ -167,15 +177,38 @@ class Run:
         return score_conversations(self.reward_fn, conversations, finished, self.cfg.reward.no_eos_penalty, self.reward_name)
 
     def clip_and_step(self) -> float:
-        """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm."""
+        """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm.
+
+        A non-finite norm stops the run before the step, so no weights it would have made are saved."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.cfg.optim.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        self.stop_if_non_finite("gradient norm", norm, "lower optim.lr, or check the reward's scale")
         self.optimizer.step()
         self.scheduler.step()
         return norm
 
+    def stop_if_non_finite(self, what: str, value: float, advice: str, before: str = "the optimizer step") -> None:
+        """Raise ``NonFiniteError`` naming the iteration, ``what`` and the last checkpoint if ``value`` is NaN or inf."""
+        if not math.isfinite(value):
+            self._stop(f"the {what} is {value}", advice, before)
+
+    def _stop(self, problem: str, advice: str, before: str) -> None:
+        checkpoint = latest_checkpoint(self.run_dir)
+        saved = f"iteration {run_dirs.checkpoint_iteration(checkpoint)}" if checkpoint else "none yet"
+        raise NonFiniteError(
+            f"iteration {self.iteration}: {problem}; stopped before {before}, so no checkpoint "
+            f"holds these weights (last complete checkpoint: {saved}); {advice}"
+        )
+
     def end_iteration(self, iteration: int, metrics: dict) -> None:
+        # Whatever a loop checked on the way, nothing non-finite is logged, evaluated or saved.
+        before = "logging, evaluating or saving this iteration"
+        for key in ("loss", "grad_norm", "reward_mean", "score_mean"):
+            if key in metrics:
+                self.stop_if_non_finite(key, metrics[key], "lower optim.lr, or check the reward's scale", before)
+        if not all(torch.isfinite(p).all() for p in self.policy.parameters() if p.requires_grad):
+            self._stop("some weights are NaN or infinite", "lower optim.lr", before)
         record = {"iteration": iteration, **metrics}
         self.metrics_log.log(record)
         if self._bar is not None:
@@ -201,7 +234,7 @@ class Run:
 
     def _eval_dialogues(self) -> dict:
         metrics, dialogues, scores = evaluate_dialogues(
-            self.generator, self.policy, self.ref, self.tokenizer, self.task.env, self.task.eval, self.reward_fn,
+            self.generator, self.policy, self.ref, self.tokenizer, self.task.env, self.task.eval, self.eval_reward_fn,
             self.eval_sampling, self.cfg.eval.seed, self.cfg.task.horizon, self.baseline_scores, self.cfg.reward.no_eos_penalty,
         )
         if self.baseline_scores is None:
@@ -213,7 +246,7 @@ class Run:
 
     def _eval_single_turn(self) -> dict:
         metrics, rollout, scores = evaluate(
-            self.generator, self.ref, self.task.eval, self.reward_fn, self.eval_sampling, self.cfg.eval.seed,
+            self.generator, self.ref, self.task.eval, self.eval_reward_fn, self.eval_sampling, self.cfg.eval.seed,
             self.cfg.reward.no_eos_penalty, self.baseline_scores, batch_size=self.cfg.rebel.micro_batch_size * 2,
             recompute_policy_logps=self.recompute_old,
         )
@@ -262,15 +295,43 @@ class Run:
         print(f"\nwin rate vs initial policy by turn h:\n{table}")
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; refuses to write over a finished or running run's outputs."""
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None and (run_dir / "metrics.jsonl").exists():
-            raise RunDirError(f"{run_dir}: resume asked but there is no complete checkpoint to resume from")
-        return checkpoint
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
-        raise RunDirError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another run_dir")
+def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler, optim: OptimConfig) -> None:
+    """Put the config's lr, betas and weight decay in force after loading a saved optimizer state.
+
+    The saved state carries the values it was made with (lr in every group and in the schedule's
+    ``base_lrs``); without this, a resume that changes ``optim.lr`` would record the change and keep
+    training at the old rate. With unchanged values it recomputes exactly the lr that was saved.
+    """
+    scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=optim.lr, lr=optim.lr * factor(scheduler.last_epoch), betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+def check_prompt_lengths(task: Task, tokenizer, context: int | None, max_new_tokens: int) -> None:
+    """Refuse prompts that leave no room for a completion in the model's context, naming the row,
+    before any compute: the model would otherwise fail (or silently degrade) mid-run."""
+    if not context:
+        return
+    limit = context - max_new_tokens
+    too_long = []
+    for split, prompts in (("train", task.train), ("eval", task.eval)):
+        texts = [tokenizer.apply_chat_template(p.to_chat(), tokenize=False, add_generation_prompt=True) for p in prompts]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids] if texts else []
+        too_long += [(split, i, n) for i, n in enumerate(lengths) if n > limit]
+    if too_long:
+        split, i, n = too_long[0]
+        more = f" (and {len(too_long) - 1} more prompts)" if len(too_long) > 1 else ""
+        raise PromptDataError(
+            f"{task.where(split, i)}: {n} tokens with the chat template{more}; the model's context of {context} tokens "
+            f"minus the completion budget of {max_new_tokens} leaves {limit}: shorten or drop the prompt"
+        )
+
+
+def _context_length(model) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
     return None
 
 

@@ -19,12 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rebelrl.errors import UserError
 from rebelrl.types import ROLES, Conversation, Message
 
 MAX_LISTED_ERRORS = 10
 
 
-class PromptDataError(ValueError):
+class PromptDataError(UserError, ValueError):
     """A prompt source that cannot be read, or rows that do not hold a valid prompt."""
 
 
@@ -41,9 +42,14 @@ def _type_name(value: Any) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, row) per non-blank line; a line that is not JSON yields a ``_RowError`` as its row."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    """(where, row) per non-blank line; a line that is not UTF-8 JSON yields a ``_RowError`` as its row."""
+    with path.open("rb") as f:  # decoded line by line, so a bad byte is reported with its line
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"line {number}", _RowError(None, f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -162,7 +168,12 @@ def _report(source: str, errors: list[str], total: int) -> str:
     return f"{source}: {total} invalid rows:\n  " + "\n  ".join(errors) + more
 
 
-def load_prompts(
+def load_prompts(source: str, **kwargs: Any) -> list[Conversation]:
+    """Read and validate prompts from ``source``; see ``load_prompt_rows`` for the arguments."""
+    return [conversation for _, conversation in load_prompt_rows(source, **kwargs)]
+
+
+def load_prompt_rows(
     source: str,
     *,
     prompt_field: str = "prompt",
@@ -171,13 +182,16 @@ def load_prompts(
     split: str = "train",
     system_prompt: str | None = None,
     limit: int | None = None,
-) -> list[Conversation]:
+) -> list[tuple[str, Conversation]]:
     """Read and validate prompts from ``source``; see the module docstring for the row format.
 
     ``source``: a ``.jsonl`` file (rows named by 1-based line number; blank lines skipped), a
     ``.parquet`` file or a ``save_to_disk`` directory (rows named by 0-based index; ``split`` picks
     from a ``DatasetDict``), or ``hf:NAME[:SPLIT]`` for a hub dataset. ``system_prompt`` is added to
     rows without a system message. ``limit`` keeps (and checks) only the first ``limit`` rows.
+
+    Returns (where, conversation) pairs; ``where`` names the row in the source ("data.jsonl, line 3"),
+    for errors found later (a prompt too long for the model, a reward that fails on it).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of rows or None, got {limit}")
@@ -186,7 +200,8 @@ def load_prompts(
         if limit is not None and len(conversations) + total >= limit:
             break
         try:
-            conversations.append(_conversation(row, prompt_field, messages_field, system_field, system_prompt))
+            conversation = _conversation(row, prompt_field, messages_field, system_field, system_prompt)
+            conversations.append((f"{source}, {where}", conversation))
         except _RowError as e:
             total += 1
             if len(errors) < MAX_LISTED_ERRORS:

@@ -1,11 +1,15 @@
 """Where prompts and dialogues come from: built-in tasks, environments and simulated users."""
 
 from rebelrl.envs.base import (
+    CheckedEnv,
     Env,
+    EnvError,
     StepResult,
     UserEnv,
     UserSimulator,
     UserSimulatorError,
+    checked_reset,
+    checked_step,
     count_assistant_turns,
     load_user_simulator,
 )
@@ -14,7 +18,9 @@ from rebelrl.envs.tasks import Task, build_task, task_reward
 
 __all__ = [
     "CATALOG",
+    "CheckedEnv",
     "Env",
+    "EnvError",
     "ScriptedSecretUser",
     "SecretEnv",
     "StepResult",
@@ -22,6 +28,8 @@ __all__ = [
     "UserEnv",
     "UserSimulator",
     "UserSimulatorError",
+    "checked_reset",
+    "checked_step",
     "build_task",
     "task_reward",
     "count_assistant_turns",

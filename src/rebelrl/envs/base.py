@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-from rebelrl.imports import build_object, import_object
+from rebelrl.errors import UserError
+from rebelrl.imports import SpecError, build_object, import_object
 from rebelrl.types import Conversation
 
 StartFn = Callable[[int, int], list[Conversation]]  # (n, seed) -> n starting conversations
@@ -58,8 +59,110 @@ class Env(Protocol):
     def step(self, conversations: list[Conversation]) -> list[StepResult]: ...
 
 
-class UserSimulatorError(RuntimeError):
+class EnvError(UserError, RuntimeError):
+    """An environment returned something the library cannot use (wrong count, wrong type, no message)."""
+
+
+class UserSimulatorError(EnvError):
     """A user simulator kept returning unusable messages (wrong count, not a string, or blank)."""
+
+
+def ask_rows(
+    ask: Callable[[list[int]], Any], n: int, row_problem: Callable[[Any], str | None], max_retries: int, noun: str = "results"
+) -> tuple[list[Any], dict[int, str]]:
+    """Ask for ``n`` rows, then again for the unusable ones alone, at most ``max_retries`` more times.
+
+    ``ask(rows)`` returns one answer per row asked; an answer that is not a list of that length
+    spoils every row asked, and ``row_problem(answer)`` says what is wrong with one row's answer
+    (None: usable). Returns the answers (None where unusable) and ``{row: problem}`` for the rows that
+    stayed unusable after every attempt.
+    """
+    answers: list[Any] = [None] * n
+    pending = list(range(n))
+    problems: dict[int, str] = {}
+    for _ in range(1 + max_retries):
+        if not pending:
+            break
+        out = ask(pending)
+        is_list = isinstance(out, Sequence) and not isinstance(out, (str, bytes))
+        if not is_list or len(out) != len(pending):
+            got = f"{len(out)} {noun}" if is_list else f"a {type(out).__name__}"
+            problems = {i: f"{got} for a batch of {len(pending)}" for i in pending}
+            continue
+        problems = {}
+        for i, answer in zip(pending, out):
+            problem = row_problem(answer)
+            if problem is None:
+                answers[i] = answer
+            else:
+                problems[i] = problem
+        pending = [i for i in pending if i in problems]
+    return answers, problems
+
+
+def _failure(who: str, problems: dict[int, str], attempts: int, expected: str) -> str:
+    row = min(problems)
+    others = f" (and {len(problems) - 1} more rows)" if len(problems) > 1 else ""
+    return f"{who} returned {problems[row]} for row {row}{others} after {attempts} attempts; expected {expected}"
+
+
+def _step_problem(result: Any) -> str | None:
+    if not isinstance(result, StepResult):
+        return f"{result!r} ({type(result).__name__})"
+    if not result.done and not (isinstance(result.user_message, str) and result.user_message.strip()):
+        return f"user_message={result.user_message!r} with done=False"
+    return None
+
+
+def checked_step(env: Env, conversations: list[Conversation], name: str, max_retries: int = 2) -> list[StepResult]:
+    """``env.step(conversations)``, checked where its results enter the library.
+
+    Every dialogue needs one ``StepResult``: done, or a non-empty user message. Unusable rows are
+    asked again, alone, up to ``max_retries`` more times (the policy ``UserEnv`` applies to its user),
+    then ``EnvError`` names the env, the row and what came back: a result too few would otherwise
+    be dropped by a ``zip`` and leave two assistant turns back to back.
+    """
+    results, problems = ask_rows(lambda rows: env.step([conversations[i] for i in rows]), len(conversations), _step_problem, max_retries)
+    if problems:
+        expected = "one StepResult per conversation, with a non-empty user_message unless done"
+        raise EnvError(_failure(f"env {name}: step", problems, 1 + max_retries, expected))
+    return results
+
+
+def checked_reset(env: Env, n: int, seed: int, name: str) -> list[Conversation]:
+    """``env.reset(n, seed)``, checked: ``n`` conversations, each ending with a non-empty user message."""
+    out = env.reset(n, seed)
+    if isinstance(out, (str, bytes)) or not isinstance(out, Sequence) or len(out) != n:
+        got = f"{len(out)} conversations" if isinstance(out, Sequence) else f"a {type(out).__name__}"
+        raise EnvError(f"env {name}: reset({n}, seed={seed}) returned {got}; expected {n} Conversations")
+    for i, c in enumerate(out):
+        if not isinstance(c, Conversation):
+            raise EnvError(f"env {name}: reset({n}, seed={seed}) returned {type(c).__name__} for row {i}; expected a Conversation")
+        if not c.messages or c.messages[-1].role != "user" or not c.messages[-1].content.strip():
+            raise EnvError(f"env {name}: reset({n}, seed={seed}), row {i}: a dialogue must open with a non-empty user message last")
+    return list(out)
+
+
+class CheckedEnv:
+    """An ``Env`` whose results are checked (``checked_reset``, ``checked_step``) before any use."""
+
+    def __init__(self, env: Env, name: str, max_retries: int = 2):
+        self.env, self.name, self.max_retries = env, name, max_retries
+
+    @property
+    def horizon(self) -> int:
+        return self.env.horizon
+
+    def reset(self, n: int, seed: int) -> list[Conversation]:
+        return checked_reset(self.env, n, seed, self.name)
+
+    def step(self, conversations: list[Conversation]) -> list[StepResult]:
+        return checked_step(self.env, conversations, self.name, self.max_retries)
+
+    def __getattr__(self, attr: str) -> Any:  # anything else the task's own code reads
+        if attr in ("env", "name", "max_retries") or attr.startswith("__"):
+            raise AttributeError(attr)  # not yet set (a copy being built): no recursion through self.env
+        return getattr(self.env, attr)
 
 
 def count_assistant_turns(conversation: Conversation) -> int:
@@ -118,7 +221,7 @@ class UserEnv:
         if callable(self.starts):
             out = list(self.starts(n, seed))
             if len(out) != n or not all(isinstance(c, Conversation) for c in out):
-                raise ValueError(f"start function returned {len(out)} items for n={n}, expected {n} Conversations")
+                raise EnvError(f"UserEnv: start function returned {len(out)} items for n={n}, expected {n} Conversations")
         else:
             order = list(range(len(self.starts)))
             random.Random(seed).shuffle(order)
@@ -149,32 +252,16 @@ class UserEnv:
 
     def _ask(self, conversations: list[Conversation]) -> list[str | None]:
         """One reply per conversation; None for rows that failed every attempt (``on_failure="end"``)."""
-        replies: list[str | None] = [None] * len(conversations)
-        pending = list(range(len(conversations)))
-        problems: dict[int, str] = {}
-        for _ in range(1 + self.max_retries):
-            if not pending:
-                break
-            out = self.user.respond([conversations[i] for i in pending])
-            is_list = isinstance(out, Sequence) and not isinstance(out, (str, bytes))
-            if not is_list or len(out) != len(pending):
-                got = f"{len(out)} messages" if is_list else f"a {type(out).__name__}"
-                problems = {i: f"{got} for a batch of {len(pending)}" for i in pending}
-                continue
-            problems = {}
-            for i, reply in zip(pending, out):
-                if isinstance(reply, str) and reply.strip():
-                    replies[i] = reply
-                else:
-                    problems[i] = repr(reply)
-            pending = [i for i in pending if i in problems]
+        replies, problems = ask_rows(
+            lambda rows: self.user.respond([conversations[i] for i in rows]),
+            len(conversations),
+            lambda reply: None if isinstance(reply, str) and reply.strip() else repr(reply),
+            self.max_retries,
+            noun="messages",
+        )
         if problems and self.on_failure == "raise":
-            row = min(problems)
-            others = f" (and {len(problems) - 1} more rows)" if len(problems) > 1 else ""
-            raise UserSimulatorError(
-                f"user simulator {type(self.user).__name__} returned {problems[row]} for row {row}{others} "
-                f"after {1 + self.max_retries} attempts; expected a non-empty string per conversation"
-            )
+            who = f"user simulator {type(self.user).__name__}"
+            raise UserSimulatorError(_failure(who, problems, 1 + self.max_retries, "a non-empty string per conversation"))
         return replies
 
 
@@ -187,5 +274,5 @@ def load_user_simulator(spec: str, kwargs: dict | None = None) -> UserSimulator:
     """
     obj = build_object(import_object(spec, "user simulator"), spec, "user simulator", kwargs)
     if not callable(getattr(obj, "respond", None)):
-        raise ValueError(f"user simulator {spec!r}: {type(obj).__name__} object has no respond(conversations) method")
+        raise SpecError(f"user simulator {spec!r}: {type(obj).__name__} object has no respond(conversations) method")
     return obj

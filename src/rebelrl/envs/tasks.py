@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from rebelrl.config import ConfigError
 from rebelrl.types import Conversation
 
 # Split seed is fixed, not the run seed: every run of a task must be judged on the same held-out prompts.
@@ -23,6 +24,15 @@ class Task:
     eval: list[Conversation]
     reward: str | None  # default reward spec (built-in name or module:function); None: the user must name one
     env: object | None = None  # multi-turn tasks: the Env whose user answers each assistant turn
+    # Where each prompt came from ("data.jsonl, line 3"), when it came from a file: errors name it.
+    train_rows: list[str] = field(default_factory=list)
+    eval_rows: list[str] = field(default_factory=list)
+
+    def where(self, split: str, i: int) -> str:
+        """How an error names prompt ``i`` of ``split`` ("train" or "eval")."""
+        rows = self.train_rows if split == "train" else self.eval_rows
+        label = "training prompt" if split == "train" else "held-out prompt"
+        return f"{label} {i} ({rows[i]})" if i < len(rows) else f"{label} {i}"
 
 
 def task_reward(task: Task, reward_cfg):
@@ -31,7 +41,7 @@ def task_reward(task: Task, reward_cfg):
 
     name = reward_cfg.fn or task.reward
     if name is None:
-        raise ValueError(f"task {task.name!r} has no default reward: set reward.fn (a built-in name or module:function)")
+        raise ConfigError(f"reward.fn: task {task.name!r} has no default reward: set reward.fn (a built-in name or module:function)")
     return name, load_reward(name, reward_cfg.kwargs)
 
 
@@ -40,7 +50,7 @@ def build_task(cfg) -> Task:
     if cfg.name == "chitchat-warm":
         system = cfg.system_prompt if cfg.system_prompt is not None else CHITCHAT_SYSTEM
         prompts = [Conversation.from_prompt(text, system=system) for text in chitchat_openings()]
-        train, held_out = _split(prompts, cfg.n_eval)
+        train, held_out = _split(prompts, cfg.n_eval, "the chitchat-dataset openings")
         return Task(cfg.name, train[: cfg.n_train], held_out, "vader")
     if cfg.name == "reasoning-gym":
         from rebelrl.rewards.reasoning import reasoning_gym_prompts
@@ -50,41 +60,50 @@ def build_task(cfg) -> Task:
             prompts = [Conversation.from_chat([{"role": "system", "content": cfg.system_prompt}] + p.to_chat(), p.meta) for p in prompts]
         return Task(f"reasoning-gym:{cfg.dataset}", prompts[: cfg.n_train], prompts[cfg.n_train :], "reasoning_gym")
     if cfg.name == "prompts":
-        from rebelrl.data import load_prompts
+        from rebelrl.data import load_prompt_rows
 
         if cfg.prompts is None:
-            raise ValueError("task.name=prompts needs task.prompts: a .jsonl/.parquet file, a datasets folder or hf:NAME")
+            raise ConfigError("task.name=prompts needs task.prompts: a .jsonl/.parquet file, a datasets folder or hf:NAME")
         kw = dict(prompt_field=cfg.prompt_field, messages_field=cfg.messages_field, system_prompt=cfg.system_prompt)
-        prompts = load_prompts(cfg.prompts, **kw)
+        rows = load_prompt_rows(cfg.prompts, **kw)
         if cfg.eval_prompts:
-            held_out = load_prompts(cfg.eval_prompts, limit=cfg.n_eval, **kw)
-            train = prompts
+            train, held_out = rows, load_prompt_rows(cfg.eval_prompts, limit=cfg.n_eval, **kw)
         else:
-            train, held_out = _split(prompts, cfg.n_eval)
-        return Task(Path(cfg.prompts).stem, train[: cfg.n_train], held_out, None)
+            train, held_out = _split(rows, cfg.n_eval, f"task.prompts={cfg.prompts}")
+        train = train[: cfg.n_train]
+        return Task(
+            Path(cfg.prompts).stem, [c for _, c in train], [c for _, c in held_out], None,
+            train_rows=[w for w, _ in train], eval_rows=[w for w, _ in held_out],
+        )
     if cfg.name == "chitchat-dialogue":
-        from rebelrl.envs.base import UserEnv, load_user_simulator
+        from rebelrl.envs.base import CheckedEnv, UserEnv, load_user_simulator
         from rebelrl.envs.users import LMUser
 
         system = cfg.system_prompt if cfg.system_prompt is not None else CHITCHAT_SYSTEM
-        train, held_out = _split([Conversation.from_prompt(t, system=system) for t in chitchat_openings()], cfg.n_eval)
+        openings = [Conversation.from_prompt(t, system=system) for t in chitchat_openings()]
+        train, held_out = _split(openings, cfg.n_eval, "the chitchat-dataset openings")
         user = load_user_simulator(cfg.user, cfg.user_kwargs) if cfg.user else LMUser(cfg.user_model, seed=_SPLIT_SEED)
-        env = UserEnv(train[: cfg.n_train], user, cfg.horizon)
+        env = CheckedEnv(UserEnv(train[: cfg.n_train], user, cfg.horizon), cfg.user or "chitchat-dialogue")
         return Task(cfg.name, train[: cfg.n_train], held_out, "vader", env)
     if cfg.name in ("secret", "guess-number", "env"):
-        env = _build_env(cfg)
+        from rebelrl.envs.base import CheckedEnv
+
+        env = CheckedEnv(_build_env(cfg), cfg.env if cfg.name == "env" else cfg.name)
         # Different seeds for the two sets: held-out games are never trained on.
         train, held_out = env.reset(cfg.n_train, seed=_SPLIT_SEED), env.reset(cfg.n_eval, seed=_SPLIT_SEED + 1)
         reward = {"secret": "rebelrl.envs.secret:secret_reward", "guess-number": "rebelrl.envs.numbers:number_reward"}.get(cfg.name)
         return Task(cfg.env if cfg.name == "env" else cfg.name, train, held_out, reward, env)
-    raise ValueError(f"unknown task {cfg.name!r}")
+    raise ConfigError(f"task.name: unknown task {cfg.name!r}")
 
 
 def _build_env(cfg):
     if cfg.name == "secret":
         from rebelrl.envs.secret import SecretEnv
 
-        return SecretEnv(horizon=cfg.horizon, items=cfg.items or None, system_prompt=cfg.system_prompt)
+        try:
+            return SecretEnv(horizon=cfg.horizon, items=cfg.items or None, system_prompt=cfg.system_prompt)
+        except ValueError as e:
+            raise ConfigError(f"task.items: {e}") from None
     if cfg.name == "guess-number":
         from rebelrl.envs.numbers import NumberEnv
 
@@ -92,11 +111,11 @@ def _build_env(cfg):
     from rebelrl.imports import build_object, import_object
 
     if not cfg.env:
-        raise ValueError("task.name=env needs task.env: the import path module:attr of your Env (or of a factory)")
+        raise ConfigError("task.name=env needs task.env: the import path module:attr of your Env (or of a factory)")
     env = build_object(import_object(cfg.env, "env"), cfg.env, "env", cfg.env_kwargs, horizon=cfg.horizon)
     for method in ("reset", "step"):
         if not callable(getattr(env, method, None)):
-            raise ValueError(f"env {cfg.env!r}: {type(env).__name__} has no {method}() method")
+            raise ConfigError(f"task.env: env {cfg.env!r}: {type(env).__name__} has no {method}() method")
     return env
 
 
@@ -118,9 +137,12 @@ def chitchat_openings(min_chars: int = 12, max_chars: int = 200) -> list[str]:
     return list(dict.fromkeys(openings))  # drop exact duplicates ("Hello how are you")
 
 
-def _split(prompts: list[Conversation], n_eval: int) -> tuple[list[Conversation], list[Conversation]]:
+def _split(prompts: list, n_eval: int, source: str) -> tuple[list, list]:
+    """(training, held-out) items: ``n_eval`` held out by a fixed shuffle, the same in every run."""
     if n_eval >= len(prompts):
-        raise ValueError(f"task.n_eval={n_eval} leaves no training prompts out of {len(prompts)}")
+        raise ConfigError(
+            f"task.n_eval={n_eval} must be less than the {len(prompts)} prompts of {source}: none would be left to train on"
+        )
     order = list(range(len(prompts)))
     random.Random(_SPLIT_SEED).shuffle(order)
     held_out = [prompts[i] for i in order[:n_eval]]

@@ -246,6 +246,12 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     md += ["", "## Config", ""]
     has_config = (run_dir / "config.yaml").exists()
     md.append("Resolved config: [config.yaml](config.yaml)" if has_config else "No `config.yaml` in this run directory.")
+    changes = run_dir / "config_changes.jsonl"
+    if changes.exists():  # a resume changed values: config.yaml alone would not describe the whole run
+        md += ["", "Changed on resume ([config_changes.jsonl](config_changes.jsonl)):", ""]
+        for row in (json.loads(line) for line in changes.read_text().splitlines() if line.strip()):
+            listed = "; ".join(f"`{key}`: {c['old']!r} -> {c['new']!r}" for key, c in row["changes"].items())
+            md.append(f"- from iteration {row['from_iteration']}: {listed}")
     report = run_dir / "report.md"
     _atomic_write(report, ("\n".join(md) + "\n").encode())
     return report

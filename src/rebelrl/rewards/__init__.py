@@ -21,16 +21,25 @@ class RewardFn(Protocol):
 
 # Imported after RewardFn so the submodules can refer to it without a cycle.
 from rebelrl.rewards.reasoning import extract_answer, reasoning_gym_prompts, reasoning_gym_reward  # noqa: E402
-from rebelrl.rewards.registry import BUILTIN_REWARDS, apply_no_eos_penalty, check_scores, load_reward  # noqa: E402
+from rebelrl.rewards.registry import (  # noqa: E402
+    BUILTIN_REWARDS,
+    RewardError,
+    apply_no_eos_penalty,
+    check_scores,
+    checked_reward,
+    load_reward,
+)
 from rebelrl.rewards.reward_model import RewardModelScorer, last_token_index  # noqa: E402
 from rebelrl.rewards.rules import vader_sentiment  # noqa: E402
 
 __all__ = [
     "BUILTIN_REWARDS",
     "RewardFn",
+    "RewardError",
     "RewardModelScorer",
     "apply_no_eos_penalty",
     "check_scores",
+    "checked_reward",
     "extract_answer",
     "last_token_index",
     "load_reward",

@@ -12,6 +12,7 @@ import re
 from functools import lru_cache
 from typing import Any, Callable
 
+from rebelrl.rewards.registry import RewardError
 from rebelrl.types import Conversation
 
 DEFAULT_INSTRUCTION = "Think step by step, then give only the final answer inside <answer></answer> tags."
@@ -63,12 +64,12 @@ def _score_fn(source_dataset: str) -> Callable[[str | None, dict[str, Any]], flo
 def _entry(conversation: Conversation, row: int) -> dict[str, Any]:
     entry = conversation.meta.get("entry")
     if not isinstance(entry, dict):
-        raise ValueError(
+        raise RewardError(
             f"reasoning_gym_reward: conversation {row} has no reasoning-gym entry in meta['entry'] "
             f"(meta keys: {sorted(conversation.meta)}); build prompts with reasoning_gym_prompts"
         )
     if not isinstance(entry.get("metadata"), dict) or "source_dataset" not in entry["metadata"]:
-        raise ValueError(f"reasoning_gym_reward: conversation {row}: meta['entry'] lacks metadata.source_dataset")
+        raise RewardError(f"reasoning_gym_reward: conversation {row}: meta['entry'] lacks metadata.source_dataset")
     return entry
 
 

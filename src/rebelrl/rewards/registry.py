@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from rebelrl.errors import UserError
 from rebelrl.imports import build_object, import_object
 
 if TYPE_CHECKING:
@@ -23,13 +25,17 @@ BUILTIN_REWARDS: dict[str, str] = {
 }
 
 
+class RewardError(UserError, ValueError):
+    """A reward that cannot be built, or that returned scores training cannot use."""
+
+
 def _resolve(spec: str) -> Any:
     """The object named by ``spec``: a key of ``BUILTIN_REWARDS`` or ``"package.module:attr.sub"``."""
     path = BUILTIN_REWARDS.get(spec, spec)
     module_name, sep, attr_path = path.partition(":")
     if not sep or not module_name.strip() or not attr_path.strip() or ":" in attr_path:
         known = ", ".join(sorted(BUILTIN_REWARDS))
-        raise ValueError(
+        raise RewardError(
             f"reward {spec!r}: expected a built-in name ({known}) or an import path 'package.module:attr'"
         )
     return import_object(path, "reward")
@@ -46,7 +52,7 @@ def load_reward(spec: str, kwargs: dict | None = None) -> RewardFn:
     """
     obj = build_object(_resolve(spec), spec, "reward", kwargs)
     if not callable(obj):
-        raise ValueError(f"reward {spec!r}: {type(obj).__name__} object is not callable")
+        raise RewardError(f"reward {spec!r}: {type(obj).__name__} object is not callable")
     return obj
 
 
@@ -63,21 +69,33 @@ def apply_no_eos_penalty(scores: list[float], finished: list[bool], penalty: flo
     return [float(s) if done else float(penalty) for s, done in zip(scores, finished)]
 
 
-def check_scores(scores: Any, n: int, spec: str) -> list[float]:
-    """``scores`` as a list of ``n`` finite floats, or a ``ValueError`` naming the reward and index.
+def check_scores(scores: Any, n: int, spec: str, row: Callable[[int], str] | None = None) -> list[float]:
+    """``scores`` as a list of ``n`` finite floats, or a ``RewardError`` naming the reward and the row.
 
-    A NaN reward does not crash anything by itself; it turns the loss into NaN a few steps later,
-    far from the cause, so it is stopped here.
+    ``row(i)`` names the conversation at position ``i`` the way the user finds it (a held-out prompt,
+    a data row); by default it is "score i". A NaN reward does not crash anything by itself; it
+    turns the loss into NaN a few steps later, far from the cause, so it is stopped here.
     """
+    row = row or (lambda i: f"score {i}")
     if isinstance(scores, (str, bytes)) or not hasattr(scores, "__len__"):
-        raise ValueError(f"reward {spec!r} returned {type(scores).__name__}, expected a list of {n} floats")
+        raise RewardError(f"reward {spec!r} returned {type(scores).__name__}, expected a list of {n} floats")
     if len(scores) != n:
-        raise ValueError(f"reward {spec!r} returned {len(scores)} scores for {n} conversations")
+        raise RewardError(f"reward {spec!r} returned {len(scores)} scores for {n} conversations")
     out = []
     for i, s in enumerate(scores):
         if isinstance(s, bool) or not isinstance(s, numbers.Real):
-            raise ValueError(f"reward {spec!r}: score {i} is {s!r} ({type(s).__name__}), expected a float")
+            raise RewardError(f"reward {spec!r}: {row(i)} is {s!r} ({type(s).__name__}), expected a float")
         if not math.isfinite(s):
-            raise ValueError(f"reward {spec!r}: score {i} is {s!r}, expected a finite float")
+            raise RewardError(f"reward {spec!r}: {row(i)} is {s!r}, expected a finite float")
         out.append(float(s))
     return out
+
+
+def checked_reward(reward_fn: RewardFn, spec: str, row: Callable[[int], str] | None = None) -> RewardFn:
+    """``reward_fn`` with its scores checked on the way out, so that whoever calls it, an error names
+    the reward by its spec and each conversation by ``row(i)``."""
+
+    def scored(conversations):
+        return check_scores(reward_fn(conversations), len(conversations), spec, row)
+
+    return scored

@@ -10,13 +10,14 @@ from typing import Literal
 
 from rebelrl.config import field
 from rebelrl.models import DEFAULT_MODEL
+from rebelrl.train.validate import validate
 
 
 @dataclass
 class ModelConfig:
     name: str = field(DEFAULT_MODEL, "policy: a built-in alias (smollm2-135m-instruct, tiny-random), a local folder or a hub id")
     ref_name: str | None = field(None, "reference model; null = the policy's starting weights")
-    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "parameter dtype")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "parameter dtype (training refuses float16: use bfloat16)")
     lora_r: int = field(0, "LoRA rank; 0 trains all weights. With LoRA the reference is the model with the adapter off")
     lora_alpha: float = field(16.0, "LoRA alpha")
     lora_dropout: float = field(0.0, "LoRA dropout (keep 0: the sampler and the learner must be the same function)")
@@ -129,7 +130,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = field(5, "save a checkpoint every N iterations (and at the end); 0 = only at the end")
-    keep_last: int = field(2, "checkpoints kept (older ones are deleted after a newer one is complete)")
+    keep_last: int = field(2, "checkpoints kept (older ones are deleted after a newer one is complete); 0 keeps all")
 
 
 @dataclass
@@ -139,6 +140,7 @@ class TrainConfig:
     iterations: int = field(10, "collect -> score -> update rounds")
     seed: int = field(0, "seed for sampling, data order and initialisation")
     resume: bool = field(False, "continue from the last checkpoint in run_dir")
+    allow_config_change: bool = field(False, "with resume: accept values that differ from the run's config (recorded in config_changes.jsonl)")
     threads: int | None = field(None, "CPU threads for torch; null = torch's default")
     model: ModelConfig = field(ModelConfig())
     task: TaskConfig = field(TaskConfig())
@@ -151,24 +153,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(CheckpointConfig())
 
     def __post_init__(self) -> None:
-        if self.rollout.samples_per_prompt < 2:
-            raise ValueError("rollout.samples_per_prompt must be >= 2: REBEL regresses on pairs")
-        if self.rollout.pairing == "adjacent" and self.rollout.samples_per_prompt % 2:
-            raise ValueError("rollout.pairing=adjacent needs an even rollout.samples_per_prompt")
-        if self.rebel.minibatch_size % self.rebel.micro_batch_size:
-            raise ValueError("rebel.minibatch_size must be a multiple of rebel.micro_batch_size")
-        if self.iterations < 1 or self.rebel.epochs < 1:
-            raise ValueError("iterations and rebel.epochs must be >= 1")
-        multi_turn = self.task.name in ("chitchat-dialogue", "secret", "guess-number", "env")
-        if (self.algo == "refuel") != multi_turn:
-            raise ValueError("algo=refuel trains on multi-turn tasks (task.name=chitchat-dialogue, secret, guess-number or env), algo=rebel on single-turn ones")
-        if self.algo == "refuel" and self.rollout.samples_per_prompt != 2:
-            raise ValueError("algo=refuel branches exactly two continuations: rollout.samples_per_prompt must be 2")
-        if self.algo == "refuel" and self.refuel.rollin == "reference" and self.model.lora_r > 0:
-            raise ValueError("refuel.rollin=reference needs a separate reference model: set model.lora_r=0")
-        if self.eval.temperature is not None and self.eval.temperature <= 0:
-            raise ValueError("eval.temperature must be > 0: the held-out KL to the reference is an expectation over "
-                             "samples, and a greedy reply's log-ratio is not a KL (use rebelrl eval temperature=0 for greedy scores)")
+        validate(self)
 
     @property
     def pairs_per_iter(self) -> int:
@@ -193,6 +178,9 @@ class EvalCommandConfig:
     seed: int = field(1234, "sampling seed")
     output: str | None = field(None, "write per-prompt completions and scores to this JSONL file")
 
+    def __post_init__(self) -> None:
+        validate(self)
+
 
 @dataclass
 class GenerateConfig:
@@ -211,3 +199,6 @@ class GenerateConfig:
     seed: int = field(0, "sampling seed")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "parameter dtype")
     output: str | None = field(None, "write completions to this JSONL file instead of printing them")
+
+    def __post_init__(self) -> None:
+        validate(self)

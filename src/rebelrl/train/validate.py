@@ -1,0 +1,241 @@
+"""What config values mean: ranges, finiteness and relations, checked in one place before anything loads.
+
+``rebelrl.config`` checks types while it reads a config; this module checks that each value means
+something: every float is finite, every number lies in its range (``FIELD_RULES``, a table keyed by
+config class and field), and fields that depend on each other agree (``RELATIONS``, one function per
+command). Each config class calls ``validate`` from ``__post_init__``, so a bad value is refused
+whether it came from YAML, an override or Python, and the error names the dotted key and the range.
+
+To add a rule for a new field, add one line to ``FIELD_RULES`` under its class; a rule between
+fields goes in that command's relation function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+from rebelrl.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed numbers; ``why`` says what the bounds mean to the user."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return f"{text} ({self.why})" if self.why else text
+
+
+@dataclass(frozen=True)
+class Items:
+    """A list of exactly ``count`` numbers, each in ``each``."""
+
+    count: int
+    each: Range
+
+    def __str__(self) -> str:
+        return f"a list of {self.count} numbers, each {self.each}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+
+# Per config class (by name: the classes import this module), per field: the allowed values.
+# None is allowed wherever the field's type allows it; its meaning is in the field's help.
+FIELD_RULES: dict[str, dict[str, Range | Items]] = {
+    "TrainConfig": {"iterations": AT_LEAST_ONE, "threads": AT_LEAST_ONE},
+    "ModelConfig": {"lora_r": Range(0, why="0 trains all weights"), "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1, high_open=True)},
+    "TaskConfig": {
+        "n_train": AT_LEAST_ONE,
+        "n_eval": AT_LEAST_ONE,
+        "horizon": AT_LEAST_ONE,
+        "max_number": Range(2, why="guess-number needs at least two numbers to guess from"),
+        "rounds": AT_LEAST_ONE,
+    },
+    "RolloutConfig": {
+        "prompts_per_iter": AT_LEAST_ONE,
+        "samples_per_prompt": Range(2, why="REBEL regresses on pairs"),
+        "temperature": Range(0, low_open=True, why="training samples; greedy decoding would make both completions of a pair the same"),
+        "top_p": Range(0, 1, low_open=True, why="1 disables"),
+        "top_k": Range(0, why="0 disables"),
+        "max_new_tokens": AT_LEAST_ONE,
+        "repetition_penalty": Range(0, low_open=True, why="1 disables"),
+        "min_new_tokens": Range(0, why="0 disables"),
+        "batch_size": AT_LEAST_ONE,
+        "logprob_tolerance": POSITIVE,
+    },
+    "RebelConfig": {
+        "eta": POSITIVE,
+        "kl_coef": Range(0, why="0 turns the KL penalty off"),
+        "epochs": AT_LEAST_ONE,
+        "minibatch_size": AT_LEAST_ONE,
+        "micro_batch_size": AT_LEAST_ONE,
+    },
+    "RefuelConfig": {"beta": POSITIVE},
+    "OptimConfig": {
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "betas": Items(2, Range(0, 1, high_open=True)),
+        "warmup_steps": NON_NEGATIVE,
+        "max_grad_norm": Range(0, why="0 disables clipping; a negative norm would flip the gradient"),
+    },
+    "EvalConfig": {
+        "every": Range(0, why="0 evaluates only before and after training"),
+        "temperature": Range(0, low_open=True, why="the held-out KL to the reference is an expectation over samples; a greedy "
+                             "reply's log-ratio is not a KL (rebelrl eval temperature=0 scores greedy replies); null takes the rollout temperature"),
+        "max_new_tokens": Range(1, why="null takes the rollout budget"),
+    },
+    "CheckpointConfig": {"every": Range(0, why="0 saves only at the end"), "keep_last": Range(0, why="0 keeps every checkpoint")},
+    "EvalCommandConfig": {
+        "temperature": Range(0, why="0 is greedy"),
+        "top_p": Range(0, 1, low_open=True, why="1 disables"),
+        "top_k": Range(0, why="0 disables"),
+        "repetition_penalty": Range(0, low_open=True, why="1 disables"),
+        "max_new_tokens": AT_LEAST_ONE,
+        "batch_size": AT_LEAST_ONE,
+    },
+    "GenerateConfig": {
+        "n": AT_LEAST_ONE,
+        "temperature": Range(0, why="0 is greedy"),
+        "top_p": Range(0, 1, low_open=True, why="1 disables"),
+        "top_k": Range(0, why="0 disables"),
+        "repetition_penalty": Range(0, low_open=True, why="1 disables"),
+        "max_new_tokens": AT_LEAST_ONE,
+        "batch_size": AT_LEAST_ONE,
+    },
+}
+
+
+def validate(config: Any) -> None:
+    """Raise ``ConfigError`` listing every value of ``config`` (a command's config) outside its range,
+    or else the first broken relation between fields."""
+    errors = field_errors(config)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    relation = RELATIONS.get(type(config).__name__)
+    if relation is not None:
+        relation(config)
+
+
+def field_errors(config: Any, prefix: str = "") -> list[str]:
+    """``key=value: expected ...`` for every non-finite float and every value outside its rule."""
+    errors = []
+    rules = FIELD_RULES.get(type(config).__name__, {})
+    for f in dataclasses.fields(config):
+        key, value = prefix + f.name, getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            errors += field_errors(value, key + ".")
+            continue
+        problem = _non_finite(value) or _outside(value, rules.get(f.name))
+        if problem:
+            errors.append(f"{key}={value!r}: {problem}")
+    return errors
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _non_finite(value: Any) -> str | None:
+    values = value if isinstance(value, list) else [value]
+    if any(_is_number(v) and not math.isfinite(v) for v in values):
+        return "expected finite numbers" if isinstance(value, list) else "expected a finite number"
+    return None
+
+
+def _outside(value: Any, rule: Range | Items | None) -> str | None:
+    if rule is None or value is None:
+        return None
+    if isinstance(rule, Items):
+        ok = isinstance(value, list) and len(value) == rule.count and all(_is_number(v) and v in rule.each for v in value)
+    else:
+        ok = value in rule
+    return None if ok else f"expected {rule}"
+
+
+# --- relations between fields, one function per command -------------------------------------------
+
+
+def _train_relations(cfg) -> None:
+    from rebelrl.models import check_model_path
+
+    r, m = cfg.rollout, cfg.model
+    if r.min_new_tokens > r.max_new_tokens:
+        raise ConfigError(f"rollout.min_new_tokens={r.min_new_tokens} must be <= rollout.max_new_tokens={r.max_new_tokens}")
+    if r.pairing == "adjacent" and r.samples_per_prompt % 2:
+        raise ConfigError(f"rollout.pairing=adjacent pairs completions two by two: rollout.samples_per_prompt={r.samples_per_prompt} must be even")
+    if cfg.rebel.minibatch_size % cfg.rebel.micro_batch_size:
+        raise ConfigError(
+            f"rebel.minibatch_size={cfg.rebel.minibatch_size} must be a multiple of rebel.micro_batch_size={cfg.rebel.micro_batch_size}"
+        )
+    multi_turn = cfg.task.name in ("chitchat-dialogue", "secret", "guess-number", "env")
+    if (cfg.algo == "refuel") != multi_turn:
+        raise ConfigError(
+            f"algo={cfg.algo} with task.name={cfg.task.name}: algo=refuel trains on multi-turn tasks "
+            "(task.name=chitchat-dialogue, secret, guess-number or env), algo=rebel on single-turn ones"
+        )
+    if cfg.algo == "refuel" and r.samples_per_prompt != 2:
+        raise ConfigError("algo=refuel branches exactly two continuations: rollout.samples_per_prompt must be 2")
+    if cfg.algo == "refuel" and cfg.refuel.rollin == "reference" and m.lora_r > 0:
+        raise ConfigError("refuel.rollin=reference needs a separate reference model: set model.lora_r=0")
+    if m.dtype == "float16":
+        raise ConfigError(
+            "model.dtype=float16 cannot train: AdamW's epsilon (1e-8) underflows to 0 in float16 and the first "
+            "step turns the weights into NaN; use model.dtype=bfloat16 (same memory) or float32"
+        )
+    _check_models(check_model_path, {"model.name": m.name, "model.ref_name": m.ref_name})
+    if cfg.task.name == "chitchat-dialogue" and cfg.task.user is None:
+        _check_models(check_model_path, {"task.user_model": cfg.task.user_model})
+
+
+def _eval_command_relations(cfg) -> None:
+    from rebelrl.models import check_model_path
+
+    _check_models(check_model_path, {"model": cfg.model, "baseline": cfg.baseline})
+
+
+def _generate_relations(cfg) -> None:
+    from rebelrl.models import check_model_path
+
+    if (cfg.prompts is None) == (cfg.prompt is None):
+        raise ConfigError("give exactly one of prompts=FILE or prompt='text'")
+    _check_models(check_model_path, {"model": cfg.model})
+
+
+def _check_models(check: Callable[[str], None], names: dict[str, str | None]) -> None:
+    """A model name that looks like a folder must be one, or the hub's 'repo id' error would hide the typo."""
+    for key, name in names.items():
+        if name is None:
+            continue
+        try:
+            check(name)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
+RELATIONS: dict[str, Callable[[Any], None]] = {
+    "TrainConfig": _train_relations,
+    "EvalCommandConfig": _eval_command_relations,
+    "GenerateConfig": _generate_relations,
+}

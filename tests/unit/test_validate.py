@@ -87,7 +87,7 @@ def test_what_the_commands_may_still_do():
     """Greedy evaluation and generation, float16 outside training, and a hub id that is no folder."""
     assert load_config(EvalCommandConfig, None, ["temperature=0", "dtype=float16"]).temperature == 0
     assert load_config(GenerateConfig, None, ["prompt=hi", "temperature=0", "dtype=float16"]).dtype == "float16"
-    cfg = load_config(TrainConfig, None, ["model.name=SomeOrg/some-model", "checkpoint.keep_last=0", "eval.temperature=0"])
+    cfg = load_config(TrainConfig, None, ["model.name=SomeOrg/some-model", "checkpoint.keep_last=0"])
     assert cfg.model.name == "SomeOrg/some-model"
 
 

@@ -71,9 +71,10 @@ def _resume_hint(cfg: TrainConfig, args: list[str]) -> str:
 
 
 def _train(cfg: TrainConfig) -> int:
-    from rebelrl.algos import rebel, refuel
+    from rebelrl.algos import pg, rebel, refuel
 
-    {"rebel": rebel, "refuel": refuel}[cfg.algo].train(cfg)
+    loops = {"rebel": rebel, "online_dpo": rebel, "refuel": refuel, "rloo": pg, "grpo": pg, "ppo": pg, "astar_po": pg}
+    loops[cfg.algo].train(cfg)
     return 0
 
 

@@ -60,28 +60,35 @@ def completion_logprobs(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    return_hidden: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log pi(completion | prompt) under ``model``, 0 on padding.
 
     Prompts are left-padded (B, P), completions right-padded (B, T). Only the T positions that predict
     completion tokens go through the output head (``logits_to_keep``), which is most of the memory
-    saving for long prompts.
+    saving for long prompts. With ``return_hidden`` the last layer's hidden states at those positions
+    come back too (the state s_t before each completion token, where a value head reads V(s_t)).
 
     Returns:
-        (B, T) float32 per-token log-probs, zero where ``completion_mask`` is 0.
+        (B, T) float32 per-token log-probs, zero where ``completion_mask`` is 0; and (B, T, H) hidden states.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P + T)
     T = completion_ids.shape[1]
-    logits = model(
+    out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         logits_to_keep=T + 1,
         use_cache=False,
-    ).logits[:, :-1]  # (B, T, V): position P-1+t predicts completion token t
+        output_hidden_states=return_hidden,
+    )
+    logits = out.logits[:, :-1]  # (B, T, V): position P-1+t predicts completion token t
     logps = token_logprobs(logits, completion_ids, temperature)
-    return logps * completion_mask.to(logps.dtype)
+    logps = logps * completion_mask.to(logps.dtype)
+    if not return_hidden:
+        return logps
+    return logps, out.hidden_states[-1][:, -T - 1 : -1]  # (B, T, H) states s_0 .. s_{T-1}
 
 
 @torch.no_grad()

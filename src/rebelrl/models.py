@@ -275,3 +275,33 @@ class AdapterDisabled(torch.nn.Module):
     def forward(self, **kwargs):
         with self.peft_model.disable_adapter():
             return self.peft_model(**kwargs)
+
+
+class Critic(torch.nn.Module):
+    """V(s_t) for PPO: a linear head on the last hidden state, either the policy's own (``backbone``
+    None: one network, the value loss shaping it too) or that of a separate copy of the network.
+
+    The head starts at zero, so every value is 0 before the first update.
+    """
+
+    def __init__(self, hidden_size: int, backbone: torch.nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, hidden: torch.Tensor | None = None, prompt_ids=None, prompt_mask=None, completion_ids=None, completion_mask=None):
+        """(B, T) values of the states before each completion token: from ``hidden`` (B, T, H), the
+        policy's, or from the critic's own network run on the prompt and completion."""
+        if self.backbone is not None:
+            from rebelrl.logprobs import position_ids_from_mask
+
+            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+            states = self.backbone.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False
+            ).last_hidden_state
+            T = completion_ids.shape[1]
+            hidden = states[:, -T - 1 : -1]
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)

@@ -115,9 +115,21 @@ class PairBatch:
     scores: torch.Tensor  # (B, 2) raw task score (after the no-EOS penalty)
     old_logps: torch.Tensor  # (B, 2) log pi_t(y|x), summed over completion tokens
     ref_logps: torch.Tensor  # (B, 2) log pi_ref(y|x), summed over completion tokens
+    lengths: torch.Tensor | None = None  # (B, 2) completion tokens of each (IPO averages per token)
 
     def __len__(self) -> int:
         return self.index.shape[0]
+
+
+@dataclass
+class TokenBatch:
+    """What the policy-gradient family regresses on, per completion token of a rollout's N rows."""
+
+    old_logps: torch.Tensor  # (N, T) log pi_t(a_t | s_t); 0 on padding
+    ref_logps: torch.Tensor  # (N, T) log pi_ref(a_t | s_t); 0 on padding
+    advantages: torch.Tensor  # (N, T) per-token advantages, or (N,) one per completion (broadcast to its tokens)
+    returns: torch.Tensor | None = None  # (N, T) value targets (PPO)
+    old_values: torch.Tensor | None = None  # (N, T) V(s_t) of the critic that saw the batch (PPO)
 
 
 @dataclass(frozen=True)

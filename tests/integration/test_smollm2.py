@@ -58,7 +58,7 @@ def test_one_rebel_iteration_on_smollm2(tmp_path, dtype):
     run = tmp_path / "run"
     args = [
         "train", str(QUICKSTART), f"run_dir={run}", "iterations=1", "task.n_eval=4", f"model.dtype={dtype}",
-        "rollout.prompts_per_iter=4", "rollout.max_new_tokens=16", "rebel.minibatch_size=4", "rebel.micro_batch_size=4",
+        "rollout.prompts_per_iter=4", "rollout.max_new_tokens=16", "update.minibatch_size=4", "update.micro_batch_size=4",
     ]
     assert main(args) == 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -76,8 +76,8 @@ def test_one_refuel_iteration_on_smollm2_secret_game(tmp_path):
     run = tmp_path / "refuel"
     args = [
         "train", str(QUICKSTART.parent / "secret.yaml"), f"run_dir={run}", "iterations=1", "task.horizon=2",
-        "task.n_eval=2", "rollout.prompts_per_iter=2", "rollout.max_new_tokens=16", "rebel.minibatch_size=2",
-        "rebel.micro_batch_size=2", "refuel.end_turn=horizon",
+        "task.n_eval=2", "rollout.prompts_per_iter=2", "rollout.max_new_tokens=16", "update.minibatch_size=2",
+        "update.micro_batch_size=2", "refuel.end_turn=horizon",
     ]
     assert main(args) == 0
     (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -47,8 +47,8 @@ def test_rebel_learns_a_custom_rule_reward(tmp_path, monkeypatch):
 
 def test_gradient_accumulation_matches_one_big_minibatch(tmp_path, monkeypatch):
     """4 pairs per step as 1 micro-batch of 4, or 4 micro-batches of 1: the same updates."""
-    one = train(tmp_path, monkeypatch, tmp_path / "one", "iterations=2", "rebel.micro_batch_size=4")
-    four = train(tmp_path, monkeypatch, tmp_path / "four", "iterations=2", "rebel.micro_batch_size=1")
+    one = train(tmp_path, monkeypatch, tmp_path / "one", "iterations=2", "update.micro_batch_size=4")
+    four = train(tmp_path, monkeypatch, tmp_path / "four", "iterations=2", "update.micro_batch_size=1")
     a = load_file(one / "checkpoints" / "iter-000002" / "model" / "model.safetensors")
     b = load_file(four / "checkpoints" / "iter-000002" / "model" / "model.safetensors")
     for key in a:

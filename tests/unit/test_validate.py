@@ -29,7 +29,7 @@ from rebelrl.train.validate import FIELD_RULES, Range
         ("optim.betas=[0.9, .nan]", "optim.betas=[0.9, nan]: expected finite numbers"),
         # died later with library errors naming no key
         ("rollout.prompts_per_iter=0", "rollout.prompts_per_iter=0: expected >= 1"),
-        ("rebel.micro_batch_size=0", "rebel.micro_batch_size=0: expected >= 1"),
+        ("update.micro_batch_size=0", "update.micro_batch_size=0: expected >= 1"),
         ("rollout.batch_size=0", "rollout.batch_size=0: expected >= 1"),
         ("task.n_eval=0", "task.n_eval=0: expected >= 1"),
         ("task.n_train=0", "task.n_train=0: expected >= 1"),
@@ -44,7 +44,7 @@ from rebelrl.train.validate import FIELD_RULES, Range
         ("rollout.top_k=-1", "rollout.top_k=-1: expected >= 0 (0 disables)"),
         ("optim.weight_decay=-1", "optim.weight_decay=-1.0: expected >= 0"),
         # relations and dtypes
-        ("rebel.minibatch_size=6", "rebel.minibatch_size=6 must be a multiple of rebel.micro_batch_size=8"),
+        ("update.minibatch_size=6", "update.minibatch_size=6 must be a multiple of update.micro_batch_size=8"),
         ("model.dtype=float16", "model.dtype=float16 cannot train: AdamW's epsilon (1e-8) underflows to 0 in float16"),
         ("model.name=/nonexistent/model", "model.name: model folder not found: /nonexistent/model"),
         ("model.ref_name=./no/such/folder", "model.ref_name: model folder not found: ./no/such/folder"),
@@ -58,9 +58,9 @@ def test_train_config_values_are_checked_for_meaning(override, message):
 
 def test_every_range_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as err:
-        load_config(TrainConfig, None, ["rebel.eta=0", "optim.lr=-1", "rebel.micro_batch_size=0"])
+        load_config(TrainConfig, None, ["rebel.eta=0", "optim.lr=-1", "update.micro_batch_size=0"])
     assert str(err.value) == (
-        "rebel.eta=0.0: expected > 0; rebel.micro_batch_size=0: expected >= 1; optim.lr=-1.0: expected > 0"
+        "rebel.eta=0.0: expected > 0; update.micro_batch_size=0: expected >= 1; optim.lr=-1.0: expected > 0"
     )
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from rebelrl.logprobs import completion_logprobs, rollout_logprobs
-from rebelrl.losses import rebel_loss
+from rebelrl.losses import chipo_loss, dpo_loss, ipo_loss, rebel_loss
 from rebelrl.train.config import TrainConfig
 from rebelrl.algos.run import Run
 from rebelrl.types import PairBatch, Rollout
@@ -73,7 +73,7 @@ def collect(run: Run, prompts) -> Collected:
     t2 = time.perf_counter()
     index = make_pairs(scores, cfg.rollout.samples_per_prompt, cfg.rollout.pairing)  # (B, 2)
     batch = assemble(run, rollout, scores, index)
-    batch.metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1})
+    batch.metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "completions": len(rollout)})
     return batch
 
 
@@ -84,12 +84,14 @@ def assemble(run: Run, rollout: Rollout, scores: torch.Tensor, index: torch.Tens
         scores: (N,) task scores; index: (B, 2) rows forming each pair; ref_logps: (N,) if known.
     """
     t0 = time.perf_counter()
-    old_logps, from_sampler = run.old_logps(rollout)  # (N,) log pi_t(y|x)
+    old_tokens, from_sampler = run.old_token_logps(rollout)
+    old_logps = old_tokens.sum(1)  # (N,) log pi_t(y|x)
     if ref_logps is None:
-        ref_logps = rollout_logprobs(run.ref, rollout, run.sampling.logprob_temperature, run.cfg.rebel.micro_batch_size * 2).sum(1)
+        ref_logps = rollout_logprobs(run.ref, rollout, run.sampling.logprob_temperature, run.cfg.update.micro_batch_size * 2).sum(1)
     kl = old_logps - ref_logps  # (N,) log pi_t(y|x) - log pi_ref(y|x)
     rewards = scores - run.cfg.rebel.kl_coef * kl
-    pairs = PairBatch(index=index, rewards=rewards[index], scores=scores[index], old_logps=old_logps[index], ref_logps=ref_logps[index])
+    pairs = PairBatch(index=index, rewards=rewards[index], scores=scores[index], old_logps=old_logps[index], ref_logps=ref_logps[index],
+                      lengths=rollout.completion_lengths[index])
     metrics = batch_metrics(rollout, pairs, scores, rewards, kl)
     metrics["time/logprobs"] = time.perf_counter() - t0
     return Collected(rollout, pairs, metrics, scores, ref_logps, from_sampler)
@@ -119,13 +121,38 @@ def rebel_pair_loss(eta: float) -> PairLoss:
     return loss_fn
 
 
+def preference_pair_loss(loss: str, beta: float, r_max: float | None = None) -> PairLoss:
+    """DPO, IPO or chi-PO on each pair ordered better-first (online DPO: pairs from the current
+    policy, labelled by the reward). Pairs with equal scores carry no preference and weigh 0; the
+    loss is scaled to a mean over all the micro-batch's pairs, so gradient accumulation stays exact."""
+    pair_losses = {
+        "dpo": lambda logps, ref, lengths: dpo_loss(logps, ref, beta),
+        "ipo": lambda logps, ref, lengths: ipo_loss(logps, ref, beta, lengths),
+        "chipo": lambda logps, ref, lengths: chipo_loss(logps, ref, beta, r_max),
+    }
+    pair_loss = pair_losses[loss]
+
+    def loss_fn(logps: torch.Tensor, pairs: PairBatch, micro: torch.Tensor):
+        scores, ref, lengths = pairs.scores[micro], pairs.ref_logps[micro], pairs.lengths[micro]  # (m, 2)
+        flip = scores[:, 1] > scores[:, 0]
+        order = torch.stack([flip.long(), 1 - flip.long()], dim=1)  # (m, 2) column 0 = chosen
+        keep = scores[:, 0] != scores[:, 1]
+        if not keep.any():
+            return (logps * 0).sum(), {"pairs/kept_frac": 0.0}
+        chosen_first = [t.gather(1, order)[keep] for t in (logps, ref, lengths.to(logps.dtype))]
+        value, metrics = pair_loss(*chosen_first)
+        return value * keep.float().mean(), {**metrics, "pairs/kept_frac": keep.float().mean().item()}
+
+    return loss_fn
+
+
 def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[str, float]:
     """``epochs`` passes over the pairs in shuffled minibatches; one optimizer step per minibatch.
 
     ``loss_fn(logps (m, 2), pairs, micro (m,)) -> (loss, metrics)`` is REBEL's regression unless given.
     """
-    cfg = run.cfg.rebel
-    loss_fn = loss_fn or rebel_pair_loss(cfg.eta)
+    cfg = run.cfg.update
+    loss_fn = loss_fn or rebel_pair_loss(run.cfg.rebel.eta)
     rollout, pairs = batch.rollout, batch.pairs
     # Scores are checked as they come; a reward can still overflow through the KL penalty.
     run.stop_if_non_finite("reward after the KL penalty", pairs.rewards.abs().max().item(), "check rebel.kl_coef and the reference model")
@@ -183,13 +210,16 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:
-    """Run REBEL as configured; returns the final summary (also printed and written to report.md)."""
-    run = Run.start(cfg, steps_per_iteration=cfg.rebel.epochs * math.ceil(cfg.pairs_per_iter / cfg.rebel.minibatch_size))
+    """Run REBEL (or online DPO: the same pairs, a preference loss) as configured; returns the final
+    summary (also printed and written to report.md)."""
+    run = Run.start(cfg, steps_per_iteration=cfg.update.epochs * math.ceil(cfg.pairs_per_iter / cfg.update.minibatch_size))
+    d = cfg.online_dpo
+    loss_fn = preference_pair_loss(d.loss, d.beta, d.r_max) if cfg.algo == "online_dpo" else None
     for iteration in run.progress():
         t0 = time.perf_counter()
         batch = collect(run, run.prompts_for(iteration))
         t1 = time.perf_counter()
-        metrics = update(run, batch)
+        metrics = update(run, batch, loss_fn)
         metrics["time/train"] = time.perf_counter() - t1
         metrics["time/total"] = time.perf_counter() - t0
         run.end_iteration(iteration, metrics)

@@ -23,13 +23,12 @@ import time
 
 import torch
 
-from rebelrl.algos.rebel import Collected, PairLoss, assemble, update
+from rebelrl.algos.rebel import Collected, assemble, preference_pair_loss, update
 from rebelrl.algos.run import Run
-from rebelrl.losses import dpo_loss
 from rebelrl.rollout import HFGenerator
 from rebelrl.rollout.dialogue import play
 from rebelrl.train.config import TrainConfig
-from rebelrl.types import Conversation, PairBatch
+from rebelrl.types import Conversation
 
 
 def sample_turns(n: int, horizon: int, end_turn: str) -> tuple[list[int], list[int]]:
@@ -95,29 +94,12 @@ def continue_branches(run: Run, env, branches: list[Conversation], turns_left: l
     return play(run.generator, env, convs, turns_left, run.sampling, done=done).conversations
 
 
-def dpo_pair_loss(beta: float) -> PairLoss:
-    """DPO on each pair ordered better-first; pairs with equal scores carry no preference and weigh 0."""
-
-    def loss_fn(logps: torch.Tensor, pairs: PairBatch, micro: torch.Tensor):
-        scores, ref = pairs.scores[micro], pairs.ref_logps[micro]  # (m, 2)
-        flip = scores[:, 1] > scores[:, 0]
-        order = torch.stack([flip.long(), 1 - flip.long()], dim=1)  # (m, 2) column 0 = chosen
-        keep = (scores[:, 0] != scores[:, 1]).float()
-        if keep.sum() == 0:
-            return (logps * 0).sum(), {"dpo/kept_frac": 0.0}
-        loss, metrics = dpo_loss(logps.gather(1, order)[keep.bool()], ref.gather(1, order)[keep.bool()], beta)
-        # Scale to a mean over all m pairs, so gradient accumulation stays exact.
-        return loss * keep.mean(), {**metrics, "dpo/kept_frac": keep.mean().item()}
-
-    return loss_fn
-
-
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Run REFUEL (or its single-turn baselines) as configured; returns the final summary."""
-    steps = cfg.rebel.epochs * math.ceil(cfg.rollout.prompts_per_iter / cfg.rebel.minibatch_size)
+    steps = cfg.update.epochs * math.ceil(cfg.rollout.prompts_per_iter / cfg.update.minibatch_size)
     run = Run.start(cfg, steps_per_iteration=steps)
     rollin = run.generator if cfg.refuel.rollin == "policy" else HFGenerator(run.ref, run.tokenizer, cfg.rollout.batch_size)
-    loss_fn = dpo_pair_loss(cfg.refuel.beta) if cfg.refuel.loss == "dpo" else None
+    loss_fn = preference_pair_loss("dpo", cfg.refuel.beta) if cfg.refuel.loss == "dpo" else None
     for iteration in run.progress():
         t0 = time.perf_counter()
         batch = collect(run, run.prompts_for(iteration), rollin)

@@ -22,7 +22,7 @@ from rebelrl.errors import NonFiniteError
 from rebelrl.eval import evaluate, load_sample_scores, read_jsonl, save_samples, score_conversations, score_rollout, write_report
 from rebelrl.eval.dialogue import evaluate_dialogues, load_turn_scores, per_turn_table, plot_per_turn, save_dialogues
 from rebelrl.logprobs import rollout_logprobs
-from rebelrl.models import AdapterDisabled, apply_lora, load_causal_lm, load_tokenizer
+from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer
 from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.seeding import seed_everything, set_rng_state
@@ -55,6 +55,8 @@ class Run:
     eval_reward_fn: RewardFn = None  # reward_fn, its errors naming the held-out prompt
     start_iteration: int = 0
     recompute_old: bool = False  # log pi_t from a forward pass after sampling, not the sampler's record
+    critic: Critic | None = None  # PPO's value function
+    astar_values: dict[str, float] = field(default_factory=dict)  # A*-PO: V*(x) by prompt, estimated once
     iteration: int = 0  # the iteration being trained (0 before the first)
     metrics_log: JsonlLogger = None
     eval_log: JsonlLogger = None
@@ -88,7 +90,9 @@ class Run:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         policy.to(device)
         ref.to(device)
-        optimizer = make_optimizer(policy.parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+        critic = _load_critic(cfg, policy, checkpoint)
+        trainable = list(policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
+        optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
         scheduler = make_schedule(optimizer, cfg.optim.schedule, cfg.iterations * steps_per_iteration, cfg.optim.warmup_steps)
         sampling = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, r.repetition_penalty, r.min_new_tokens)
         # Evaluation samples as training does, at its own temperature and budget if set.
@@ -100,7 +104,7 @@ class Run:
             scheduler=scheduler, sampling=sampling, eval_sampling=eval_sampling,
             eval_reward_fn=checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i)),
             metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
-            recompute_old=_recompute_old(cfg, policy),
+            recompute_old=_recompute_old(cfg, policy), critic=critic,
         )
         stops = ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in run.generator.stop_ids)
         source = "a forward pass after sampling" if run.recompute_old else "the sampler's record (checked every iteration)"
@@ -122,6 +126,7 @@ class Run:
         set_rng_state(state["rng"])
         self.start_iteration = state["iteration"]
         self.recompute_old = state.get("recompute_old", self.recompute_old)
+        self.astar_values = dict(state.get("astar_values", {}))
         self.metrics_log.rewind(self.start_iteration)
         self.eval_log.rewind(self.start_iteration)
         initial = self.run_dir / INITIAL_SAMPLES
@@ -152,16 +157,16 @@ class Run:
             out.append(train[_epoch_order(len(train), self.cfg.seed, epoch)[i]])
         return out
 
-    def old_logps(self, rollout) -> tuple[torch.Tensor, bool]:
-        """(N,) log pi_t(y|x) of every completion, and whether it is the sampler's record.
+    def old_token_logps(self, rollout) -> tuple[torch.Tensor, bool]:
+        """(N, T) log pi_t of every completion token, and whether it is the sampler's record.
 
         The sampler's values are reused only where they are this training forward's (float32, checked
         on the first minibatch of every iteration); otherwise a no-grad forward of the policy that
         sampled, in the layout training uses, gives them exactly.
         """
         if self.recompute_old:
-            return rollout_logprobs(self.policy, rollout, self.sampling.logprob_temperature, self.cfg.rebel.micro_batch_size * 2).sum(1), False
-        return rollout.sample_logps.sum(1), True
+            return rollout_logprobs(self.policy, rollout, self.sampling.logprob_temperature, self.cfg.update.micro_batch_size * 2), False
+        return rollout.sample_logps, True
 
     def stop_trusting_sampler(self, gap: float) -> None:
         self.recompute_old = True
@@ -181,6 +186,7 @@ class Run:
 
         A non-finite norm stops the run before the step, so no weights it would have made are saved."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        params += list(self.critic.parameters()) if self.critic is not None else []
         max_norm = self.cfg.optim.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         self.stop_if_non_finite("gradient norm", norm, "lower optim.lr, or check the reward's scale")
@@ -247,7 +253,7 @@ class Run:
     def _eval_single_turn(self) -> dict:
         metrics, rollout, scores = evaluate(
             self.generator, self.ref, self.task.eval, self.eval_reward_fn, self.eval_sampling, self.cfg.eval.seed,
-            self.cfg.reward.no_eos_penalty, self.baseline_scores, batch_size=self.cfg.rebel.micro_batch_size * 2,
+            self.cfg.reward.no_eos_penalty, self.baseline_scores, batch_size=self.cfg.update.micro_batch_size * 2,
             recompute_policy_logps=self.recompute_old,
         )
         if self.baseline_scores is None:  # the initial policy: every later evaluation is compared with it
@@ -258,8 +264,10 @@ class Run:
         return metrics
 
     def save(self, iteration: int) -> None:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "recompute_old": self.recompute_old}
-        save_checkpoint(self.run_dir, iteration, self.policy, self.tokenizer, state, self.cfg.checkpoint.keep_last)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "recompute_old": self.recompute_old,
+                 "astar_values": self.astar_values}
+        extra = {CRITIC_FILE: self.critic.state_dict()} if self.critic is not None else {}
+        save_checkpoint(self.run_dir, iteration, self.policy, self.tokenizer, state, self.cfg.checkpoint.keep_last, extra)
 
     def finish(self) -> dict:
         if self._bar is not None:
@@ -354,6 +362,24 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
     ref.eval()
     ref.requires_grad_(False)
     return policy, ref
+
+
+CRITIC_FILE = "critic.safetensors"
+
+
+def _load_critic(cfg: TrainConfig, policy: torch.nn.Module, checkpoint: Path | None) -> Critic | None:
+    """PPO's critic: a value head on the policy's network or on a copy of the starting network; on
+    resume its weights come from the checkpoint."""
+    if cfg.algo != "ppo":
+        return None
+    hidden = policy.config.get_text_config().hidden_size
+    backbone = load_causal_lm(cfg.model.name, cfg.model.dtype, cfg.seed) if cfg.ppo.critic == "separate" else None
+    critic = Critic(hidden, backbone)
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+
+        critic.load_state_dict(load_file(checkpoint / CRITIC_FILE))
+    return critic.to(next(policy.parameters()).device)
 
 
 def _recompute_old(cfg: TrainConfig, policy: torch.nn.Module) -> bool:

@@ -88,12 +88,16 @@ class RolloutConfig:
 
 
 @dataclass
+class UpdateConfig:
+    epochs: int = field(4, "passes over each iteration's samples")
+    minibatch_size: int = field(8, "pairs (rebel, refuel, online_dpo) or completions (rloo, grpo, ppo, astar_po) per optimizer step")
+    micro_batch_size: int = field(8, "the same, per forward/backward (gradient accumulation = minibatch / micro)")
+
+
+@dataclass
 class RebelConfig:
     eta: float = field(1.0, "REBEL step size: target log-ratio difference per unit of reward difference")
     kl_coef: float = field(0.05, "reward -= kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), per sequence")
-    epochs: int = field(4, "passes over each iteration's pairs")
-    minibatch_size: int = field(8, "pairs per optimizer step")
-    micro_batch_size: int = field(8, "pairs per forward/backward (gradient accumulation = minibatch / micro)")
 
 
 @dataclass
@@ -107,6 +111,49 @@ class RefuelConfig:
     end_turn: Literal["sampled", "horizon"] = field("sampled", "L ~ U{1..H} then h ~ U{1..L} (as the authors), or always L = H")
     loss: Literal["rebel", "dpo"] = field("rebel", "regress with rebel_loss, or DPO on the better/worse branch (ties dropped)")
     beta: float = field(0.1, "loss=dpo: DPO beta")
+
+
+@dataclass
+class OnlineDpoConfig:
+    loss: Literal["dpo", "ipo", "chipo"] = field("dpo", "pair loss on each prompt's best vs worst completion: DPO, IPO (per-token averaged) or chi-PO")
+    beta: float = field(0.1, "the loss's beta (IPO: tau)")
+    r_max: float | None = field(None, "loss=chipo: the paper's reward bound; the margin is clipped to [-2 r_max, 2 r_max]; null = no clip")
+
+
+@dataclass
+class RlooConfig:
+    kl_coef: float = field(0.05, "reward -= kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), per completion")
+    clip_eps: float = field(0.2, "clip of the sequence-level importance ratio across epochs")
+
+
+@dataclass
+class GrpoConfig:
+    beta: float = field(0.0, "coefficient of the per-token k3 KL to the reference in the loss (DeepSeekMath: 0.04)")
+    clip_eps: float = field(0.2, "lower (and upper) clip of the per-token ratio")
+    clip_eps_high: float | None = field(None, "upper clip; null = clip_eps (DAPO: 0.28)")
+    scale_advantages: bool = field(True, "divide by the group's standard deviation; false = Dr. GRPO")
+    aggregation: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = field(
+        "seq_mean_token_mean", "per-completion mean then batch mean (GRPO), mean over all tokens (DAPO), or token sum / budget (Dr. GRPO)"
+    )
+
+
+@dataclass
+class PpoConfig:
+    kl_coef: float = field(0.05, "per-token reward -= kl_coef * (log pi_t - log pi_ref)")
+    clip_eps: float = field(0.2, "clip of the per-token ratio")
+    value_clip: float | None = field(0.2, "clip of the value update around the old value; null disables")
+    vf_coef: float = field(0.1, "weight of the value loss")
+    gamma: float = field(1.0, "discount")
+    gae_lambda: float = field(0.95, "GAE lambda")
+    whiten_advantages: bool = field(True, "normalise advantages over the batch")
+    critic: Literal["shared", "separate"] = field("shared", "value head on the policy's network, or on a separate copy of it")
+
+
+@dataclass
+class AstarConfig:
+    ref_samples: int = field(8, "stage 1: reference completions per prompt to estimate V*(x)")
+    beta1: float = field(0.5, "V*(x) = beta1 * log mean exp(r / beta1)")
+    beta2: float = field(1e-3, "loss = (beta2 * log(pi/pi_ref) - (r - V*))^2")
 
 
 @dataclass
@@ -135,7 +182,10 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    algo: Literal["rebel", "refuel"] = field("rebel", "rebel: single-turn prompts; refuel: multi-turn dialogues (task=chitchat-dialogue, secret, guess-number or env)")
+    algo: Literal["rebel", "refuel", "online_dpo", "rloo", "grpo", "ppo", "astar_po"] = field(
+        "rebel", "rebel: single-turn prompts; refuel: multi-turn dialogues (task=chitchat-dialogue, secret, guess-number or env); "
+        "online_dpo, rloo, grpo, ppo, astar_po: the single-turn methods REBEL is compared with, on the same loop"
+    )
     run_dir: str = field("runs/rebel", "output folder: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, report.md, plots/")
     iterations: int = field(10, "collect -> score -> update rounds")
     seed: int = field(0, "seed for sampling, data order and initialisation")
@@ -146,8 +196,14 @@ class TrainConfig:
     task: TaskConfig = field(TaskConfig())
     reward: RewardConfig = field(RewardConfig())
     rollout: RolloutConfig = field(RolloutConfig())
+    update: UpdateConfig = field(UpdateConfig())
     rebel: RebelConfig = field(RebelConfig())
     refuel: RefuelConfig = field(RefuelConfig())
+    online_dpo: OnlineDpoConfig = field(OnlineDpoConfig())
+    rloo: RlooConfig = field(RlooConfig())
+    grpo: GrpoConfig = field(GrpoConfig())
+    ppo: PpoConfig = field(PpoConfig())
+    astar: AstarConfig = field(AstarConfig())
     optim: OptimConfig = field(OptimConfig())
     eval: EvalConfig = field(EvalConfig())
     checkpoint: CheckpointConfig = field(CheckpointConfig())

@@ -75,7 +75,7 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
     },
     "RolloutConfig": {
         "prompts_per_iter": AT_LEAST_ONE,
-        "samples_per_prompt": Range(2, why="REBEL regresses on pairs"),
+        "samples_per_prompt": Range(2, why="pairs and groups need two or more; astar_po samples one and ignores it"),
         "temperature": Range(0, low_open=True, why="training samples; greedy decoding would make both completions of a pair the same"),
         "top_p": Range(0, 1, low_open=True, why="1 disables"),
         "top_k": Range(0, why="0 disables"),
@@ -85,14 +85,18 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
         "batch_size": AT_LEAST_ONE,
         "logprob_tolerance": POSITIVE,
     },
+    "UpdateConfig": {"epochs": AT_LEAST_ONE, "minibatch_size": AT_LEAST_ONE, "micro_batch_size": AT_LEAST_ONE},
     "RebelConfig": {
         "eta": POSITIVE,
         "kl_coef": Range(0, why="0 turns the KL penalty off"),
-        "epochs": AT_LEAST_ONE,
-        "minibatch_size": AT_LEAST_ONE,
-        "micro_batch_size": AT_LEAST_ONE,
     },
     "RefuelConfig": {"beta": POSITIVE},
+    "OnlineDpoConfig": {"beta": POSITIVE, "r_max": POSITIVE},
+    "RlooConfig": {"kl_coef": NON_NEGATIVE, "clip_eps": POSITIVE},
+    "GrpoConfig": {"beta": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True), "clip_eps_high": POSITIVE},
+    "PpoConfig": {"kl_coef": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True), "value_clip": POSITIVE,
+                  "vf_coef": NON_NEGATIVE, "gamma": Range(0, 1), "gae_lambda": Range(0, 1)},
+    "AstarConfig": {"ref_samples": AT_LEAST_ONE, "beta1": POSITIVE, "beta2": POSITIVE},
     "OptimConfig": {
         "lr": POSITIVE,
         "weight_decay": NON_NEGATIVE,
@@ -185,16 +189,18 @@ def _train_relations(cfg) -> None:
         raise ConfigError(f"rollout.min_new_tokens={r.min_new_tokens} must be <= rollout.max_new_tokens={r.max_new_tokens}")
     if r.pairing == "adjacent" and r.samples_per_prompt % 2:
         raise ConfigError(f"rollout.pairing=adjacent pairs completions two by two: rollout.samples_per_prompt={r.samples_per_prompt} must be even")
-    if cfg.rebel.minibatch_size % cfg.rebel.micro_batch_size:
+    if cfg.update.minibatch_size % cfg.update.micro_batch_size:
         raise ConfigError(
-            f"rebel.minibatch_size={cfg.rebel.minibatch_size} must be a multiple of rebel.micro_batch_size={cfg.rebel.micro_batch_size}"
+            f"update.minibatch_size={cfg.update.minibatch_size} must be a multiple of update.micro_batch_size={cfg.update.micro_batch_size}"
         )
     multi_turn = cfg.task.name in ("chitchat-dialogue", "secret", "guess-number", "env")
     if (cfg.algo == "refuel") != multi_turn:
         raise ConfigError(
             f"algo={cfg.algo} with task.name={cfg.task.name}: algo=refuel trains on multi-turn tasks "
-            "(task.name=chitchat-dialogue, secret, guess-number or env), algo=rebel on single-turn ones"
+            f"(task.name=chitchat-dialogue, secret, guess-number or env), algo={cfg.algo} on single-turn ones"
         )
+    if cfg.algo in ("astar_po", "ppo") and m.lora_r > 0 and (cfg.algo == "astar_po" or cfg.ppo.critic == "separate"):
+        raise ConfigError(f"algo={cfg.algo} needs a separate reference (A*-PO samples from it) or critic network: set model.lora_r=0")
     if cfg.algo == "refuel" and r.samples_per_prompt != 2:
         raise ConfigError("algo=refuel branches exactly two continuations: rollout.samples_per_prompt must be 2")
     if cfg.algo == "refuel" and cfg.refuel.rollin == "reference" and m.lora_r > 0:

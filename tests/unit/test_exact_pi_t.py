@@ -14,10 +14,10 @@ from rebelrl.types import Conversation, Message
 from tests.tiny_run import TINY_ARGS, die_after_logging, read_jsonl, setup_task, strip_timings
 
 
-def _train(tmp_path, monkeypatch, name, *extra):
+def _train(tmp_path, monkeypatch, name, *extra, exit_code=0):
     prompts = setup_task(tmp_path, monkeypatch)
     run_dir = tmp_path / name
-    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", f"run_dir={run_dir}", *extra]) == 0
+    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", f"run_dir={run_dir}", *extra]) == exit_code
     return run_dir
 
 
@@ -74,7 +74,6 @@ def test_resume_on_gpu_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
     assert len(state["rng"]["cuda"]) == torch.cuda.device_count()
     with monkeypatch.context() as patch:
         die_after_logging(patch, 3)
-        with pytest.raises(KeyboardInterrupt):
-            _train(tmp_path, monkeypatch, "killed", "iterations=4")
+        _train(tmp_path, monkeypatch, "killed", "iterations=4", exit_code=130)
     _train(tmp_path, monkeypatch, "killed", "iterations=4", "--resume")
     assert strip_timings(read_jsonl(full / "metrics.jsonl")) == strip_timings(read_jsonl(tmp_path / "killed" / "metrics.jsonl"))

@@ -266,7 +266,7 @@ class Run:
     def save(self, iteration: int) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "recompute_old": self.recompute_old,
                  "astar_values": self.astar_values}
-        extra = {CRITIC_FILE: self.critic.state_dict()} if self.critic is not None else {}
+        extra = {CRITIC_FILE: self.critic} if self.critic is not None else {}
         save_checkpoint(self.run_dir, iteration, self.policy, self.tokenizer, state, self.cfg.checkpoint.keep_last, extra)
 
     def finish(self) -> dict:
@@ -376,9 +376,9 @@ def _load_critic(cfg: TrainConfig, policy: torch.nn.Module, checkpoint: Path | N
     backbone = load_causal_lm(cfg.model.name, cfg.model.dtype, cfg.seed) if cfg.ppo.critic == "separate" else None
     critic = Critic(hidden, backbone)
     if checkpoint is not None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_model
 
-        critic.load_state_dict(load_file(checkpoint / CRITIC_FILE))
+        load_model(critic, str(checkpoint / CRITIC_FILE))
     return critic.to(next(policy.parameters()).device)
 
 

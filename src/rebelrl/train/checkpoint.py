@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_model
 
 from rebelrl.seeding import rng_state
 
@@ -25,7 +25,7 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(run_dir, iteration: int, model, tokenizer, trainer_state: dict, keep_last: int = 2, extra: dict | None = None) -> Path:
-    """``extra`` maps file names to state dicts saved beside the model as safetensors (a critic)."""
+    """``extra`` maps file names to modules saved beside the model as safetensors (a critic)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter-{iteration:06d}"
@@ -34,8 +34,8 @@ def save_checkpoint(run_dir, iteration: int, model, tokenizer, trainer_state: di
         shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
-    for name, tensors in (extra or {}).items():
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / name)
+    for name, module in (extra or {}).items():
+        save_model(module, str(tmp / name))  # handles tied weights, which save_file refuses
     torch.save({**trainer_state, "iteration": iteration, "rng": rng_state()}, tmp / "trainer_state.pt")
     if final.exists():  # the same iteration saved before a kill: replace it only once the new one is whole
         shutil.rmtree(final)

@@ -1,4 +1,4 @@
-"""``rebelrl train|eval|generate CONFIG.yaml key.sub=value ...``
+"""``rebelrl train|eval|generate|compare CONFIG.yaml key.sub=value ...``
 
 Each command reads one YAML file (optional for eval and generate) plus dotted overrides, prints the
 resolved config and refuses unknown keys, wrong types and meaningless values before any model is
@@ -13,11 +13,12 @@ import json
 import shlex
 import sys
 
+from rebelrl.compare import CompareConfig
 from rebelrl.config import ConfigError, describe, load_config, to_yaml
 from rebelrl.errors import UserError
 from rebelrl.train.config import EvalCommandConfig, GenerateConfig, TrainConfig
 
-COMMANDS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig}
+COMMANDS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig, "compare": CompareConfig}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
             p.add_argument("--allow-config-change", action="store_true", help="with --resume: apply a config that differs from the run's")
+        if name == "compare":
+            p.add_argument("--quick", action="store_true", help="one seed per method")
     ns = parser.parse_args(argv)
     cls = COMMANDS[ns.command]
     if ns.fields:
@@ -43,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(cls, path, [*overrides, *flags])
         _quiet_libraries()
+        if ns.command == "compare":
+            from rebelrl.compare import run_all
+
+            run_all(cfg, quick=ns.quick)
+            return 0
         return {"train": _train, "eval": _eval, "generate": _generate}[ns.command](cfg)
     except ConfigError as e:
         print(f"rebelrl {ns.command}: config error: {e}", file=sys.stderr)

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from rebelrl.config import to_yaml
+from rebelrl.config import to_dict, to_yaml
 from rebelrl.data import PromptDataError
 from rebelrl.envs import Task, build_task, task_reward
 from rebelrl.errors import NonFiniteError
@@ -115,7 +117,7 @@ class Run:
         if checkpoint is not None:
             run._restore(checkpoint)
         else:
-            run.run_eval(0)
+            run.initial_eval()
         return run
 
     def _restore(self, checkpoint: Path) -> None:
@@ -224,6 +226,28 @@ class Run:
             self.run_eval(iteration)
         if last or (self.cfg.checkpoint.every and iteration % self.cfg.checkpoint.every == 0):
             self.save(iteration)
+
+    def initial_eval(self) -> None:
+        """Evaluate the initial policy, or reuse the evaluation of a run that measured the same thing
+        (``eval.initial_from``: same model, task, reward and sampling, so the same samples)."""
+        source = self.cfg.eval.initial_from
+        if source is None:
+            self.run_eval(0)
+            return
+        source = Path(source)
+        record = next((r for r in read_jsonl(source / "eval.jsonl") if r["iteration"] == 0), None) if (source / "eval.jsonl").exists() else None
+        if record is None or not (source / INITIAL_SAMPLES).exists():
+            raise RunDirError(f"eval.initial_from={source}: no iteration-0 evaluation there")
+        mismatch = _measurement_diff(yaml.safe_load((source / run_dirs.CONFIG).read_text()), to_dict(self.cfg))
+        if mismatch:
+            raise RunDirError(f"eval.initial_from={source} measured something else: {'; '.join(mismatch)}")
+        for name in (INITIAL_SAMPLES, "eval_samples_latest.jsonl"):
+            shutil.copyfile(source / name, self.run_dir / name)
+        initial = self.run_dir / INITIAL_SAMPLES
+        self.baseline_scores = load_turn_scores(initial) if self.task.env is not None else load_sample_scores(initial)
+        record = {**record, "reused_from": str(source)}
+        self.eval_log.log(record)
+        self.evals.append(record)
 
     def run_eval(self, iteration: int) -> dict:
         t0 = time.perf_counter()
@@ -365,6 +389,21 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
 
 
 CRITIC_FILE = "critic.safetensors"
+
+
+# What decides the samples and scores of an evaluation of the initial policy.
+_MEASUREMENT_KEYS = ("model", "task", "reward", "eval.temperature", "eval.max_new_tokens", "eval.seed", "rollout.temperature",
+                     "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens", "rollout.repetition_penalty", "rollout.min_new_tokens")
+
+
+def _measurement_diff(theirs: dict, ours: dict) -> list[str]:
+    """``key: theirs -> ours`` for every setting that would make an initial evaluation differ."""
+    def get(config, dotted):
+        for part in dotted.split("."):
+            config = config.get(part) if isinstance(config, dict) else None
+        return config
+
+    return [f"{key}: {get(theirs, key)!r} -> {get(ours, key)!r}" for key in _MEASUREMENT_KEYS if get(theirs, key) != get(ours, key)]
 
 
 def _load_critic(cfg: TrainConfig, policy: torch.nn.Module, checkpoint: Path | None) -> Critic | None:

@@ -172,6 +172,9 @@ class EvalConfig:
     temperature: float | None = field(None, "sampling temperature for evaluation; null = the rollout temperature")
     max_new_tokens: int | None = field(None, "null = the rollout budget")
     seed: int = field(1234, "evaluation sampling seed: the same prompts and noise at every evaluation")
+    initial_from: str | None = field(
+        None, "a run directory of the same model, task and evaluation settings whose iteration-0 evaluation is reused instead of recomputed"
+    )
 
 
 @dataclass

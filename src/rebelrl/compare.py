@@ -1,0 +1,272 @@
+"""``rebelrl compare``: several methods on one model and task, at an equal budget of generated
+completions, over several seeds, side by side.
+
+Every run is an ordinary ``rebelrl train`` run (its own run directory, resumable), started in its own
+process so that its wall time and peak memory are its own. The budget is counted the same way for
+every method: completions generated per iteration (prompts x samples a prompt, plus A*-PO's reference
+samples of the prompts it meets), so a method that samples 4 a prompt sees half the prompts of one
+that samples 2. The initial policy is evaluated once per task; every other run reuses that
+evaluation (``eval.initial_from``). A comparison that was interrupted picks up where it stopped:
+finished runs are read back, a started one resumes from its last checkpoint.
+
+Output, in ``run_dir``: one folder per task with a run per method and seed, ``runs.jsonl`` (wall
+time, peak memory and final metrics of each run) and ``comparison.md`` with its plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from matplotlib.figure import Figure
+
+from rebelrl.config import ConfigError, field, from_dict, to_dict
+from rebelrl.eval import read_jsonl
+from rebelrl.train.config import TrainConfig
+
+
+@dataclass
+class CompareConfig:
+    run_dir: str = field("runs/compare", "output folder: a folder per task with one run per method and seed, runs.jsonl, comparison.md, plots/")
+    base: dict = field({}, "the train config every run starts from (any `rebelrl train` keys)")
+    tasks: list[dict] = field([{"name": "task", "overrides": {}}], "tasks to compare on: {name, overrides} (dotted train keys)")
+    methods: list[dict] = field([], "methods: {name, overrides} (dotted train keys, e.g. algo: grpo, rollout.samples_per_prompt: 4)")
+    budget: int = field(640, "completions generated per run (rollouts plus A*-PO's reference samples)")
+    seeds: list[int] = field([0, 1], "training seeds per method (evaluation samples are the same for all)")
+    threads: int | None = field(None, "CPU threads of each run; null = the runs' own default")
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods: list at least one {name, overrides}")
+        for kind, items in (("tasks", self.tasks), ("methods", self.methods)):
+            names = [item.get("name") for item in items]
+            if any(not isinstance(n, str) or not n or "/" in n for n in names) or len(set(names)) != len(names):
+                raise ValueError(f"{kind}: every entry needs a unique name without '/', got {names}")
+            for item in items:
+                if set(item) - {"name", "overrides"} or not isinstance(item.get("overrides", {}), dict):
+                    raise ValueError(f"{kind}: {item.get('name')!r} takes only name and overrides (a mapping)")
+        if self.budget < 1 or not self.seeds:
+            raise ValueError("budget must be >= 1 and seeds non-empty")
+
+
+@dataclass
+class Plan:
+    """One run of the comparison."""
+
+    task: str
+    method: str
+    seed: int
+    cfg: TrainConfig
+    run_dir: Path
+
+
+def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
+    """Every run's resolved train config, validated before anything starts; the iteration count of
+    each method is the budget divided by the completions one of its iterations generates."""
+    runs = []
+    seeds = cfg.seeds[:1] if quick else cfg.seeds
+    for task in cfg.tasks:
+        first = None
+        for method in cfg.methods:
+            for seed in seeds:
+                data = _with(cfg.base, task.get("overrides", {}), method.get("overrides", {}))
+                run_dir = Path(cfg.run_dir) / task["name"] / f"{method['name']}-seed{seed}"
+                data.update(seed=seed, run_dir=str(run_dir))
+                if cfg.threads:
+                    data["threads"] = cfg.threads
+                try:
+                    probe = from_dict(TrainConfig, data)
+                    data["iterations"] = max(1, cfg.budget // completions_per_iteration(probe))
+                    if first is not None:
+                        data.setdefault("eval", {})["initial_from"] = str(first)
+                    train_cfg = from_dict(TrainConfig, data)
+                except ConfigError as e:
+                    raise ConfigError(f"task {task['name']}, method {method['name']}: {e}") from None
+                first = first or run_dir
+                runs.append(Plan(task["name"], method["name"], seed, train_cfg, run_dir))
+    return runs
+
+
+def completions_per_iteration(cfg: TrainConfig) -> int:
+    """Completions one iteration generates; A*-PO's count assumes prompts not seen before (its first
+    pass over the data, which a comparison budget stays within)."""
+    prompts = cfg.rollout.prompts_per_iter
+    if cfg.algo == "astar_po":
+        return prompts * (1 + cfg.astar.ref_samples)
+    return prompts * cfg.rollout.samples_per_prompt
+
+
+def run_all(cfg: CompareConfig, quick: bool = False, launch=None) -> Path:
+    """Train every planned run not finished yet, one after another, then write the report."""
+    runs = plan(cfg, quick)
+    root = Path(cfg.run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "compare.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    ledger = root / "runs.jsonl"
+    done = {(r["task"], r["method"], r["seed"]): r for r in read_jsonl(ledger)} if ledger.exists() else {}
+    launch = launch or launch_run
+    for i, run in enumerate(runs, 1):
+        if (run.task, run.method, run.seed) in done and _finished(run):
+            continue
+        print(f"rebelrl compare: [{i}/{len(runs)}] {run.task} / {run.method} / seed {run.seed}: "
+              f"{run.cfg.iterations} iterations ({run.run_dir})", file=sys.stderr, flush=True)
+        seconds, peak_mb = launch(run)
+        record = {"task": run.task, "method": run.method, "seed": run.seed, "wall_s": seconds, "peak_rss_mb": peak_mb,
+                  "iterations": run.cfg.iterations, "completions": _completions(run.run_dir)}
+        with open(ledger, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return write_comparison(root, runs)
+
+
+def launch_run(run: Plan) -> tuple[float, float]:
+    """Train one run in a child process (resuming it if it was started); its wall time and peak RSS."""
+    run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = run.run_dir.parent / f".{run.run_dir.name}.yaml"
+    config.write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+    cmd = [sys.executable, "-m", "rebelrl.cli", "train", str(config)] + (["--resume"] if run.run_dir.exists() else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - t0
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"rebelrl compare: {' '.join(cmd)} failed with exit code {child.returncode}")
+    return seconds, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def _finished(run: Plan) -> bool:
+    evals = run.run_dir / "eval.jsonl"
+    return evals.exists() and any(r["iteration"] == run.cfg.iterations for r in read_jsonl(evals))
+
+
+def _completions(run_dir: Path) -> int:
+    return int(sum(m.get("completions", 0) for m in read_jsonl(run_dir / "metrics.jsonl")))
+
+
+def _with(base: dict, *overrides: dict) -> dict:
+    """``base`` with dotted-key overrides applied, as ``rebelrl train`` applies them."""
+    data = copy.deepcopy(base)
+    for mapping in overrides:
+        for key, value in mapping.items():
+            node = data
+            *path, last = key.split(".")
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = copy.deepcopy(value)
+    return data
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+
+def write_comparison(root: Path, runs: list[Plan]) -> Path:
+    ledger = {(r["task"], r["method"], r["seed"]): r for r in read_jsonl(root / "runs.jsonl")}
+    plots = root / "plots"
+    plots.mkdir(exist_ok=True)
+    lines = ["# Comparison", "", f"Runs: {len(runs)}; budget per run and evaluation settings in `compare.yaml`.", ""]
+    for task in dict.fromkeys(r.task for r in runs):
+        curves = {}  # method -> list over seeds of [(completions, reward, kl, win rate)]
+        rows = []
+        for method in dict.fromkeys(r.method for r in runs if r.task == task):
+            mine = [r for r in runs if r.task == task and r.method == method]
+            curves[method] = [_curve(r.run_dir) for r in mine]
+            finals = [c[-1] for c in curves[method] if c]
+            costs = [ledger.get((task, method, r.seed), {}) for r in mine]
+            rows.append(_table_row(method, finals, costs))
+        lines += [f"## {task}", "", "| method | final held-out reward | KL to ref (nats) | win rate vs initial | completions | "
+                  "wall time (min) | peak RSS (GB) | seeds |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+        for name, fig in _figures(task, curves, ledger).items():
+            fig.savefig(plots / f"{task}-{name}.png", dpi=110)
+            lines += [f"![{name}](plots/{task}-{name}.png)", ""]
+    lines += ["Mean ± standard deviation across seeds. Each run's own `report.md` has its training curves.", ""]
+    out = root / "comparison.md"
+    out.write_text("\n".join(lines))
+    print(f"rebelrl compare: {out}", file=sys.stderr)
+    return out
+
+
+def _curve(run_dir: Path) -> list[tuple[float, float, float, float]]:
+    """(completions generated so far, reward, KL, win rate) at each evaluation of a run."""
+    if not (run_dir / "eval.jsonl").exists():
+        return []
+    spent, total = {0: 0}, 0
+    for m in read_jsonl(run_dir / "metrics.jsonl"):
+        total += m.get("completions", 0)
+        spent[m["iteration"]] = total
+    return [(spent.get(e["iteration"], total), e["reward_mean"], e.get("kl_to_ref", math.nan), e.get("win_rate_vs_initial", math.nan))
+            for e in read_jsonl(run_dir / "eval.jsonl")]
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def _table_row(method: str, finals: list[tuple], costs: list[dict]) -> str:
+    cells = [_mean_sd([f[i] for f in finals]) for i in (1, 2, 3)]
+    completions = _mean_sd([f[0] for f in finals]).split(" ")[0] if finals else "-"
+    wall = _mean_sd([c["wall_s"] / 60 for c in costs if c])
+    peak = _mean_sd([c["peak_rss_mb"] / 1024 for c in costs if c])
+    return f"| {method} | {' | '.join(cells)} | {completions} | {wall} | {peak} | {len(finals)} |"
+
+
+def _figures(task: str, curves: dict, ledger: dict) -> dict[str, Figure]:
+    figs = {}
+    for name, y, label in (("reward", 1, "held-out reward"), ("win_rate", 3, "win rate vs initial policy")):
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        for method, runs in curves.items():
+            mean = _average_curve(runs, y)
+            if mean:
+                ax.plot(*zip(*mean), "o-", label=method)
+        ax.set_xlabel("completions generated")
+        ax.set_ylabel(label)
+        ax.set_title(f"{task}: {label} (mean over seeds)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figs[name] = fig
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for method, runs in curves.items():
+        points = [(p[2], p[1]) for run in runs for p in run]
+        if points:
+            ax.scatter(*zip(*points), label=method, s=14)
+    ax.set_xlabel("KL to reference (nats per reply)")
+    ax.set_ylabel("held-out reward")
+    ax.set_title(f"{task}: reward against KL (every evaluation, every seed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figs["reward_vs_kl"] = fig
+    fig = Figure(figsize=(7, 3.5))
+    axes = fig.subplots(1, 2)
+    methods = list(curves)
+    for ax, key, label in ((axes[0], "wall_s", "wall time (min)"), (axes[1], "peak_rss_mb", "peak RSS (GB)")):
+        values = [[r[key] / (60 if key == "wall_s" else 1024) for (t, m, _), r in ledger.items() if t == task and m == method] for method in methods]
+        ax.bar(range(len(methods)), [sum(v) / len(v) if v else 0 for v in values])
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+    fig.suptitle(f"{task}: cost per run (mean over seeds)")
+    fig.tight_layout()
+    figs["cost"] = fig
+    return figs
+
+
+def _average_curve(runs: list[list[tuple]], y: int) -> list[tuple[float, float]]:
+    """Mean over seeds at each evaluation index (the seeds of a method evaluate at the same points)."""
+    runs = [r for r in runs if r]
+    if not runs:
+        return []
+    n = min(len(r) for r in runs)
+    return [(sum(r[i][0] for r in runs) / len(runs), sum(r[i][y] for r in runs) / len(runs)) for i in range(n)]

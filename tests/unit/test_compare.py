@@ -1,0 +1,81 @@
+"""``rebelrl compare`` on the tiny model: equal budgets, a shared initial evaluation, the report,
+and an interrupted comparison that picks up where it stopped."""
+
+import json
+
+import pytest
+import yaml
+
+from rebelrl import compare
+from rebelrl.cli import main
+from rebelrl.config import ConfigError, load_config
+from tests.tiny_run import TINY_ARGS, read_jsonl, setup_task
+
+
+def _config(tmp_path, monkeypatch, **extra):
+    prompts = setup_task(tmp_path, monkeypatch)
+    overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in TINY_ARGS)}
+    overrides.update({"task.prompts": str(prompts), "eval.every": 1, "checkpoint.every": 1})
+    data = {
+        "run_dir": str(tmp_path / "cmp"),
+        "tasks": [{"name": "tiny", "overrides": overrides}],
+        "methods": [
+            {"name": "REBEL", "overrides": {"algo": "rebel"}},
+            {"name": "GRPO", "overrides": {"algo": "grpo", "rollout.samples_per_prompt": 4, "update.minibatch_size": 8, "update.micro_batch_size": 8}},
+        ],
+        "budget": 32,
+        "seeds": [0, 1],
+        **extra,
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_equal_budget_in_completions(tmp_path, monkeypatch):
+    """32 completions: REBEL samples 8 prompts x 2 = 16 an iteration (2 iterations), GRPO 8 x 4 = 32
+    (1 iteration), A*-PO 8 x (1 + 4 reference samples) = 40 (at least 1 iteration)."""
+    path = _config(tmp_path, monkeypatch)
+    cfg = load_config(compare.CompareConfig, path, ["methods=[{name: R, overrides: {algo: rebel}}, {name: G, overrides: {algo: grpo, "
+                                                   "rollout.samples_per_prompt: 4}}, {name: A, overrides: {algo: astar_po, astar.ref_samples: 4}}]"])
+    runs = compare.plan(cfg, quick=True)
+    assert [(r.method, r.cfg.iterations) for r in runs] == [("R", 2), ("G", 1), ("A", 1)]
+    assert runs[0].cfg.eval.initial_from is None and {r.cfg.eval.initial_from for r in runs[1:]} == {str(runs[0].run_dir)}
+
+
+def test_a_bad_method_is_reported_before_anything_runs(tmp_path, monkeypatch):
+    path = _config(tmp_path, monkeypatch)
+    with pytest.raises(ConfigError, match="method G: .*grpo.clip_eps"):
+        compare.plan(load_config(compare.CompareConfig, path, ["methods=[{name: G, overrides: {algo: grpo, grpo.clip_eps: -1}}]"]))
+    assert main(["compare", str(path), "methods=[{name: G, overrides: {algo: nope}}]"]) == 2
+
+
+def test_compare_end_to_end_resuming_after_a_kill(tmp_path, monkeypatch):
+    path = _config(tmp_path, monkeypatch)
+    launched = []
+
+    def killed_on_the_second_run(run):
+        if launched:
+            raise KeyboardInterrupt
+        launched.append(run.run_dir)
+        return compare.launch_run(run)
+
+    cfg = load_config(compare.CompareConfig, path, [])
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_all(cfg, quick=True, launch=killed_on_the_second_run)
+    first = launched[0]
+    finished_at = (first / "eval.jsonl").stat().st_mtime
+
+    assert main(["compare", str(path), "--quick"]) == 0
+    assert (first / "eval.jsonl").stat().st_mtime == finished_at  # the finished run was read back, not retrained
+    root = tmp_path / "cmp"
+    ledger = read_jsonl(root / "runs.jsonl")
+    assert [(r["method"], r["completions"]) for r in ledger] == [("REBEL", 32), ("GRPO", 32)]
+    assert all(r["wall_s"] > 0 and r["peak_rss_mb"] > 100 for r in ledger)
+    grpo_evals = read_jsonl(root / "tiny" / "GRPO-seed0" / "eval.jsonl")
+    assert grpo_evals[0]["reused_from"] == str(first) and grpo_evals[0]["reward_mean"] == read_jsonl(first / "eval.jsonl")[0]["reward_mean"]
+    report = (root / "comparison.md").read_text()
+    assert "| REBEL |" in report and "| GRPO |" in report
+    for name in ("reward", "win_rate", "reward_vs_kl", "cost"):
+        assert (root / "plots" / f"tiny-{name}.png").exists()
+    assert json.loads(json.dumps(ledger))  # plain JSON

@@ -55,7 +55,7 @@ def build_task(cfg) -> Task:
     if cfg.name == "reasoning-gym":
         from rebelrl.rewards.reasoning import reasoning_gym_prompts
 
-        prompts = reasoning_gym_prompts(cfg.dataset, size=cfg.n_train + cfg.n_eval, seed=_SPLIT_SEED)
+        prompts = reasoning_gym_prompts(cfg.dataset, cfg.n_train + cfg.n_eval, _SPLIT_SEED, cfg.instruction, **cfg.dataset_kwargs)
         if cfg.system_prompt:
             prompts = [Conversation.from_chat([{"role": "system", "content": cfg.system_prompt}] + p.to_chat(), p.meta) for p in prompts]
         return Task(f"reasoning-gym:{cfg.dataset}", prompts[: cfg.n_train], prompts[cfg.n_train :], "reasoning_gym")

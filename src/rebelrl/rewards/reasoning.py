@@ -92,15 +92,21 @@ def reasoning_gym_reward(conversations: list[Conversation]) -> list[float]:
     return scores
 
 
-def reasoning_gym_prompts(name: str, size: int, seed: int, instruction: str | None = None) -> list[Conversation]:
+def reasoning_gym_prompts(name: str, size: int, seed: int, instruction: str | None = None, **dataset_kwargs) -> list[Conversation]:
     """``size`` single-turn prompts of reasoning-gym dataset ``name``, each entry kept in ``meta["entry"]``.
 
     The user message is the question followed by ``instruction`` (by default: answer inside
-    ``<answer></answer>`` tags), the format ``extract_answer`` reads first.
+    ``<answer></answer>`` tags), the format ``extract_answer`` reads first. ``dataset_kwargs`` go to
+    the dataset's config (its difficulty: number of terms, digits, ...).
     """
     import reasoning_gym
 
-    dataset = reasoning_gym.create_dataset(name, size=size, seed=seed)
+    try:
+        dataset = reasoning_gym.create_dataset(name, size=size, seed=seed, **dataset_kwargs)
+    except (AssertionError, TypeError) as e:  # reasoning-gym validates its configs with assert
+        from rebelrl.config import ConfigError
+
+        raise ConfigError(f"task.dataset_kwargs={dataset_kwargs} for reasoning-gym dataset {name!r}: {e}") from None
     instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     conversations = []
     for i in range(size):

@@ -40,6 +40,8 @@ class TaskConfig:
     messages_field: str = field("messages", "column holding a chat as a list of {role, content} (used when the prompt column is absent)")
     system_prompt: str | None = field(None, "system message put before every prompt that has none (null = the task's default)")
     dataset: str = field("basic_arithmetic", "task=reasoning-gym: the reasoning-gym dataset name")
+    dataset_kwargs: dict = field({}, "task=reasoning-gym: the dataset's config (difficulty), e.g. {max_terms: 2, max_digits: 1}")
+    instruction: str | None = field(None, "task=reasoning-gym: text after each question; null = think step by step, answer in <answer></answer> tags")
     n_train: int = field(2000, "number of training prompts (at most)")
     n_eval: int = field(64, "number of held-out prompts for evaluation")
     horizon: int = field(5, "multi-turn tasks: assistant turns per dialogue (H)")

@@ -60,7 +60,7 @@ def test_every_range_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as err:
         load_config(TrainConfig, None, ["rebel.eta=0", "optim.lr=-1", "update.micro_batch_size=0"])
     assert str(err.value) == (
-        "rebel.eta=0.0: expected > 0; update.micro_batch_size=0: expected >= 1; optim.lr=-1.0: expected > 0"
+        "update.micro_batch_size=0: expected >= 1; rebel.eta=0.0: expected > 0; optim.lr=-1.0: expected > 0"
     )
 
 

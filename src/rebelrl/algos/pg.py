@@ -257,15 +257,7 @@ def update(run: Run, collected: Collected, method: Method) -> dict[str, float]:
             run.stop_if_non_finite("loss", total, "lower optim.lr, or check the reward's scale")
             grad_norms.append(run.clip_and_step())
             losses.append(total)
-    return {
-        **collected.metrics,
-        "loss": sum(losses) / len(losses),
-        "grad_norm": sum(grad_norms) / len(grad_norms),
-        **{key: sum(m[key] for m in fit if key in m) / sum(key in m for m in fit) for key in {k for m in fit for k in m}},
-        "lr": run.scheduler.get_last_lr()[0],
-        "logp_mismatch_max": mismatch,
-        "old_logps_recomputed": float(not collected.old_from_sampler),
-    }
+    return run.update_summary(collected.metrics, losses, grad_norms, fit, mismatch, collected.old_from_sampler)
 
 
 # --- A*-PO stage 1 ------------------------------------------------------------------------------------

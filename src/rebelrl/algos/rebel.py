@@ -198,15 +198,7 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
                 run.stop_if_non_finite("loss", total, f"the pair rewards span {span}: scale the reward down if it is large, else lower optim.lr")
             grad_norms.append(run.clip_and_step())
             losses.append(total)
-    return {
-        **batch.metrics,
-        "loss": sum(losses) / len(losses),
-        "grad_norm": sum(grad_norms) / len(grad_norms),
-        **{key: sum(m[key] for m in fit if key in m) / sum(key in m for m in fit) for key in {k for m in fit for k in m}},
-        "lr": run.scheduler.get_last_lr()[0],
-        "logp_mismatch_max": mismatch,
-        "old_logps_recomputed": float(not batch.old_from_sampler),
-    }
+    return run.update_summary(batch.metrics, losses, grad_norms, fit, mismatch, batch.old_from_sampler)
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:

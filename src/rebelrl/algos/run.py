@@ -209,6 +209,20 @@ class Run:
             f"holds these weights (last complete checkpoint: {saved}); {advice}"
         )
 
+    def update_summary(self, batch_metrics: dict, losses: list[float], grad_norms: list[float], fit: list[dict],
+                       mismatch: float | None, old_from_sampler: bool) -> dict[str, float]:
+        """An iteration's metrics: its samples', the mean loss, gradient norm and loss metrics over its
+        optimizer steps, the learning rate, and how exact log pi_t was."""
+        return {
+            **batch_metrics,
+            "loss": sum(losses) / len(losses),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            **{key: sum(m[key] for m in fit if key in m) / sum(key in m for m in fit) for key in {k for m in fit for k in m}},
+            "lr": self.scheduler.get_last_lr()[0],
+            "logp_mismatch_max": mismatch,
+            "old_logps_recomputed": float(not old_from_sampler),
+        }
+
     def end_iteration(self, iteration: int, metrics: dict) -> None:
         # Whatever a loop checked on the way, nothing non-finite is logged, evaluated or saved.
         before = "logging, evaluating or saving this iteration"

@@ -264,7 +264,9 @@ def update(run: Run, collected: Collected, method: Method) -> dict[str, float]:
 
 
 def _prompt_key(conversation) -> str:
-    prompt = [m for m in conversation.to_chat()[:-1]] if conversation.messages[-1].role == "assistant" else conversation.to_chat()
+    """A stable name for a prompt, whether or not the conversation already holds the reply."""
+    chat = conversation.to_chat()
+    prompt = chat[:-1] if chat and chat[-1]["role"] == "assistant" else chat
     return hashlib.sha256(repr(prompt).encode()).hexdigest()[:16]
 
 

@@ -216,7 +216,7 @@ def _mean_sd(values: list[float]) -> str:
 
 def _table_row(method: str, finals: list[tuple], costs: list[dict]) -> str:
     cells = [_mean_sd([f[i] for f in finals]) for i in (1, 2, 3)]
-    completions = _mean_sd([f[0] for f in finals]).split(" ")[0] if finals else "-"
+    completions = f"{sum(f[0] for f in finals) / len(finals):.0f}" if finals else "-"
     wall = _mean_sd([c["wall_s"] / 60 for c in costs if c])
     peak = _mean_sd([c["peak_rss_mb"] / 1024 for c in costs if c])
     return f"| {method} | {' | '.join(cells)} | {completions} | {wall} | {peak} | {len(finals)} |"

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
-from rebelrl.config import ConfigError, field, from_dict, to_dict
+from rebelrl.config import ConfigError, field, from_dict, set_dotted, to_dict
 from rebelrl.eval import read_jsonl
 from rebelrl.train.config import TrainConfig
 
@@ -157,11 +157,7 @@ def _with(base: dict, *overrides: dict) -> dict:
     data = copy.deepcopy(base)
     for mapping in overrides:
         for key, value in mapping.items():
-            node = data
-            *path, last = key.split(".")
-            for part in path:
-                node = node.setdefault(part, {})
-            node[last] = copy.deepcopy(value)
+            set_dotted(data, key, copy.deepcopy(value))
     return data
 
 

@@ -77,14 +77,19 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()
             value = raw
         except ConfigError as e:
             raise ConfigError(f"override {item!r}: {e}") from None
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = value
+        set_dotted(data, key, value, f"override {item!r}")
     return from_dict(cls, data)
+
+
+def set_dotted(data: dict, key: str, value: Any, where: str = "") -> None:
+    """``data[a][b][c] = value`` for ``key`` "a.b.c", creating sections on the way."""
+    node = data
+    *path, last = key.split(".")
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where or key}: {part!r} is not a section")
+    node[last] = value
 
 
 def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:

@@ -26,7 +26,7 @@ from functools import partial
 
 import torch
 
-from rebelrl.algos.run import Run
+from rebelrl.algos.run import Run, sample_metrics
 from rebelrl.logprobs import completion_logprobs, rollout_logprobs
 from rebelrl.losses import (
     astar_po_loss,
@@ -196,14 +196,9 @@ def assemble(run: Run, rollout: Rollout, scores: torch.Tensor, method: Method) -
     ref_logps = rollout_logprobs(run.ref, rollout, run.sampling.logprob_temperature, run.cfg.update.micro_batch_size)  # (N, T)
     batch, metrics = method.advantages(run, rollout, scores, old_logps, ref_logps)
     run.stop_if_non_finite("advantage", batch.advantages.abs().max().item(), "check the reward's scale and the KL coefficient")
-    mask = rollout.completion_mask.float()
     metrics.update({
-        "score_mean": scores.mean().item(),
-        "score_std": scores.std().item() if len(scores) > 1 else 0.0,
-        "response_length": rollout.completion_lengths.float().mean().item(),
-        "frac_no_eos": (~rollout.finished).float().mean().item(),
+        **sample_metrics(rollout, scores),
         "advantage_abs_mean": batch.advantages.abs().mean().item(),
-        "sampler_dropped_mass": ((rollout.dropped_mass * mask).sum() / mask.sum().clamp(min=1)).item() if rollout.dropped_mass is not None else 0.0,
         "time/logprobs": time.perf_counter() - t0,
     })
     return Collected(rollout, batch, metrics, scores, from_sampler)

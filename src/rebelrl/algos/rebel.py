@@ -20,7 +20,7 @@ import torch
 from rebelrl.logprobs import completion_logprobs, rollout_logprobs
 from rebelrl.losses import chipo_loss, dpo_loss, ipo_loss, rebel_loss
 from rebelrl.train.config import TrainConfig
-from rebelrl.algos.run import Run
+from rebelrl.algos.run import Run, sample_metrics
 from rebelrl.types import PairBatch, Rollout
 
 
@@ -98,19 +98,13 @@ def assemble(run: Run, rollout: Rollout, scores: torch.Tensor, index: torch.Tens
 
 
 def batch_metrics(rollout: Rollout, pairs: PairBatch, scores, rewards, kl) -> dict[str, float]:
-    """What every iteration logs about its samples; scores, rewards, kl: (N,)."""
-    mask = rollout.completion_mask.float()
+    """What every iteration logs about its samples and pairs; scores, rewards, kl: (N,)."""
     return {
-        "score_mean": scores.mean().item(),
-        "score_std": scores.std().item(),
+        **sample_metrics(rollout, scores),
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std().item(),
         "kl_to_ref": kl.mean().item(),
-        "response_length": rollout.completion_lengths.float().mean().item(),
-        "frac_no_eos": (~rollout.finished).float().mean().item(),
         "pair_score_gap": (pairs.scores[:, 0] - pairs.scores[:, 1]).abs().mean().item(),
-        # Probability mass of pi_t the sampler's truncation removed, per token: 0 when sampling is exact.
-        "sampler_dropped_mass": ((rollout.dropped_mass * mask).sum() / mask.sum().clamp(min=1)).item() if rollout.dropped_mass is not None else 0.0,
     }
 
 

@@ -405,6 +405,19 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
 CRITIC_FILE = "critic.safetensors"
 
 
+def sample_metrics(rollout, scores: torch.Tensor) -> dict[str, float]:
+    """What every loop logs about an iteration's samples; scores: (N,) task scores."""
+    mask = rollout.completion_mask.float()
+    return {
+        "score_mean": scores.mean().item(),
+        "score_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "response_length": rollout.completion_lengths.float().mean().item(),
+        "frac_no_eos": (~rollout.finished).float().mean().item(),
+        # Probability mass of pi_t the sampler's truncation removed, per token: 0 when sampling is exact.
+        "sampler_dropped_mass": ((rollout.dropped_mass * mask).sum() / mask.sum().clamp(min=1)).item() if rollout.dropped_mass is not None else 0.0,
+    }
+
+
 # What decides the samples and scores of an evaluation of the initial policy.
 _MEASUREMENT_KEYS = ("model", "task", "reward", "eval.temperature", "eval.max_new_tokens", "eval.seed", "rollout.temperature",
                      "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens", "rollout.repetition_penalty", "rollout.min_new_tokens")

@@ -61,6 +61,15 @@ POSITIVE = Range(0, low_open=True)
 NON_NEGATIVE = Range(0)
 AT_LEAST_ONE = Range(1)
 
+# The sampler's settings mean the same wherever they are set (training, eval, generate).
+SAMPLER = {
+    "top_p": Range(0, 1, low_open=True, why="1 disables"),
+    "top_k": Range(0, why="0 disables"),
+    "repetition_penalty": Range(0, low_open=True, why="1 disables"),
+    "max_new_tokens": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE,
+}
+
 # Per config class (by name: the classes import this module), per field: the allowed values.
 # None is allowed wherever the field's type allows it; its meaning is in the field's help.
 FIELD_RULES: dict[str, dict[str, Range | Items]] = {
@@ -74,15 +83,11 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
         "rounds": AT_LEAST_ONE,
     },
     "RolloutConfig": {
+        **SAMPLER,
         "prompts_per_iter": AT_LEAST_ONE,
         "samples_per_prompt": Range(2, why="pairs and groups need two or more; astar_po samples one and ignores it"),
         "temperature": Range(0, low_open=True, why="training samples; greedy decoding would make both completions of a pair the same"),
-        "top_p": Range(0, 1, low_open=True, why="1 disables"),
-        "top_k": Range(0, why="0 disables"),
-        "max_new_tokens": AT_LEAST_ONE,
-        "repetition_penalty": Range(0, low_open=True, why="1 disables"),
         "min_new_tokens": Range(0, why="0 disables"),
-        "batch_size": AT_LEAST_ONE,
         "logprob_tolerance": POSITIVE,
     },
     "UpdateConfig": {"epochs": AT_LEAST_ONE, "minibatch_size": AT_LEAST_ONE, "micro_batch_size": AT_LEAST_ONE},
@@ -111,23 +116,8 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
         "max_new_tokens": Range(1, why="null takes the rollout budget"),
     },
     "CheckpointConfig": {"every": Range(0, why="0 saves only at the end"), "keep_last": Range(0, why="0 keeps every checkpoint")},
-    "EvalCommandConfig": {
-        "temperature": Range(0, why="0 is greedy"),
-        "top_p": Range(0, 1, low_open=True, why="1 disables"),
-        "top_k": Range(0, why="0 disables"),
-        "repetition_penalty": Range(0, low_open=True, why="1 disables"),
-        "max_new_tokens": AT_LEAST_ONE,
-        "batch_size": AT_LEAST_ONE,
-    },
-    "GenerateConfig": {
-        "n": AT_LEAST_ONE,
-        "temperature": Range(0, why="0 is greedy"),
-        "top_p": Range(0, 1, low_open=True, why="1 disables"),
-        "top_k": Range(0, why="0 disables"),
-        "repetition_penalty": Range(0, low_open=True, why="1 disables"),
-        "max_new_tokens": AT_LEAST_ONE,
-        "batch_size": AT_LEAST_ONE,
-    },
+    "EvalCommandConfig": {**SAMPLER, "temperature": Range(0, why="0 is greedy")},
+    "GenerateConfig": {**SAMPLER, "n": AT_LEAST_ONE, "temperature": Range(0, why="0 is greedy")},
 }
 
 

@@ -1,13 +1,19 @@
-"""Token and sequence log-probabilities from logits, with masks.
+"""Token and sequence log-probabilities, with masks.
 
 Sampling divides logits by the temperature, so the log-probs that training regresses on must do the
-same: ``log softmax(logits / temperature)``. Everything here works row by row on the completion
-positions only, so no full-vocabulary float32 copy of the whole batch is ever kept.
+same: ``log softmax(logits / temperature)``. The training and reference passes never hold the
+full-vocabulary logits of a batch: the output head is applied to the final hidden states a chunk of
+rows at a time, keeping only each token's log-prob and log-sum-exp, and the backward pass recomputes
+each chunk (``linear_token_logprobs``).
 """
-
 from __future__ import annotations
 
+import contextlib
+import types
+import weakref
+
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -64,31 +70,193 @@ def completion_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log pi(completion | prompt) under ``model``, 0 on padding.
 
-    Prompts are left-padded (B, P), completions right-padded (B, T). Only the T positions that predict
-    completion tokens go through the output head (``logits_to_keep``), which is most of the memory
-    saving for long prompts. With ``return_hidden`` the last layer's hidden states at those positions
-    come back too (the state s_t before each completion token, where a value head reads V(s_t)).
+    Prompts are left-padded (B, P), completions right-padded (B, T). Columns that are padding in every
+    row are cut first, so a micro-batch costs its own longest sequence, not the rollout's. The network
+    runs up to its final hidden states; the output head is then applied in chunks of rows by
+    ``linear_token_logprobs``, so the (B, T, V) logits never exist (models whose head is more than a
+    plain linear map, e.g. with logit soft-capping, take the plain path). With ``return_hidden`` the
+    final hidden states at those positions come back too (the state s_t before each completion token,
+    where a value head reads V(s_t)).
 
     Returns:
         (B, T) float32 per-token log-probs, zero where ``completion_mask`` is 0; and (B, T, H) hidden states.
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P + T)
+    original = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    T_full = completion_ids.shape[1]
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _cut_padding(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P' + T')
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P' + T')
     T = completion_ids.shape[1]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=T + 1,
-        use_cache=False,
-        output_hidden_states=return_hidden,
-    )
-    logits = out.logits[:, :-1]  # (B, T, V): position P-1+t predicts completion token t
-    logps = token_logprobs(logits, completion_ids, temperature)
-    logps = logps * completion_mask.to(logps.dtype)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    head = _plain_head(model)
+    with _layers_checkpointed(model):
+        if head is None:
+            out = model(**inputs, logits_to_keep=T + 1, output_hidden_states=return_hidden)
+            logps = token_logprobs(out.logits[:, :-1], completion_ids, temperature)  # position P-1+t predicts token t
+            states = out.hidden_states[-1][:, -T - 1 : -1] if return_hidden else None
+        else:
+            with _final_hidden(model) as final:
+                out = model(**inputs, logits_to_keep=1)
+            if not _check_plain_head(model, head, final.hidden[:, -1], out.logits[:, -1]):
+                return completion_logprobs(model, *original, temperature, return_hidden)  # the plain path from now on
+            states = final.hidden[:, -T - 1 : -1]  # (B, T, H) states s_0 .. s_{T-1}
+            logps = _head_logprobs(states, head, completion_ids, completion_mask, temperature)
+    logps = torch.nn.functional.pad(logps * completion_mask.to(logps.dtype), (0, T_full - T))
     if not return_hidden:
         return logps
-    return logps, out.hidden_states[-1][:, -T - 1 : -1]  # (B, T, H) states s_0 .. s_{T-1}
+    return logps, torch.nn.functional.pad(states, (0, 0, 0, T_full - T))
+
+
+# Rows of output-head logits computed at once: 2**24 float32 elements is 64 MB (341 rows of a
+# 49k vocabulary), small next to the activations, large enough that each chunk is one big GEMM.
+CHUNK_ELEMENTS = 2**24
+
+
+class _LinearTokenLogprob(torch.autograd.Function):
+    """log softmax(h W^T / temperature)[label] for each row of h, a chunk of rows at a time.
+
+    Forward keeps only each row's log-sum-exp; backward recomputes a chunk's logits and uses
+    d out_i / d z_i = onehot(y_i) - softmax(z_i), so at most one chunk of logits exists at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk):
+        # hidden: (N, H), weight: (V, H), labels: (N,) -> (N,) float32
+        out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], chunk):
+            z = (hidden[s : s + chunk] @ weight.T).float() / temperature  # (c, V), the head's own dtype first, as in the model
+            lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
+            out[s : s + chunk] = z.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # (c, H), (c, 1)
+            z = (h @ weight.T).float() / ctx.temperature
+            dz = torch.exp(z - lse[s : s + ctx.chunk, None]).mul_(-g)  # (c, V): -g * softmax(z)
+            dz.scatter_add_(-1, labels[s : s + ctx.chunk, None], g)  # + g at the label
+            dz = (dz / ctx.temperature).to(hidden.dtype)  # through z = logits / temperature, back to the head's dtype
+            if want_h:
+                grad_h[s : s + ctx.chunk] = dz @ weight
+            if want_w:
+                grad_w += (dz.T @ h).float()
+        return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None, None
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                          chunk: int | None = None) -> torch.Tensor:
+    """``token_logprobs(hidden @ weight.T, labels, temperature)`` without the full logits, forward or backward.
+
+    Args:
+        hidden: (N, H) final hidden states, one row per predicted token.
+        weight: (V, H) output-head (unembedding) weight.
+        labels: (N,) token ids.
+        chunk: rows per chunk; default ``CHUNK_ELEMENTS // V``.
+
+    Returns:
+        (N,) float32 log-probs, differentiable in ``hidden`` and ``weight``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    return _LinearTokenLogprob.apply(hidden, weight, labels, float(temperature), chunk)
+
+
+def _cut_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Drop the left prompt columns and right completion columns that are padding in every row.
+    Positions count real tokens only, so nothing a real token sees changes."""
+    real_p = prompt_mask.any(0).nonzero()
+    p0 = real_p[0].item() if len(real_p) else prompt_mask.shape[1]
+    real_c = completion_mask.any(0).nonzero()
+    t1 = real_c[-1].item() + 1 if len(real_c) else 0
+    return prompt_ids[:, p0:], prompt_mask[:, p0:], completion_ids[:, :t1], completion_mask[:, :t1]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside data-parallel and PEFT wrappers (and the LoRA reference view)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+# Models whose output is not their head applied to the decoder's output (soft-capped or scaled
+# logits), found on their first call; they take the plain path from then on.
+_HEAD_IS_PLAIN: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's output head if logits are just ``head(final hidden state)`` (or not known yet)."""
+    hf = _unwrap(model)
+    decoder = getattr(hf, "base_model", None)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if decoder is None or decoder is hf or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    return None if _HEAD_IS_PLAIN.get(hf) is False else head
+
+
+def _check_plain_head(model, head, last_hidden: torch.Tensor, last_logits: torch.Tensor) -> bool:
+    """Compare the head on the captured state with the model's own logits once per model."""
+    hf = _unwrap(model)
+    if hf not in _HEAD_IS_PLAIN:
+        with torch.no_grad():
+            mine = (last_hidden @ head.weight.T).float()
+        tol = 1e-4 if head.weight.dtype == torch.float32 else 1e-2
+        _HEAD_IS_PLAIN[hf] = torch.allclose(mine, last_logits.float(), rtol=tol, atol=tol)
+    return _HEAD_IS_PLAIN[hf]
+
+
+@contextlib.contextmanager
+def _final_hidden(model: torch.nn.Module):
+    """Capture the decoder's output (the final, normalised hidden states) during a forward."""
+    captured = types.SimpleNamespace(hidden=None)
+
+    def keep(module, args, output):
+        captured.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = _unwrap(model).base_model.register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _layers_checkpointed(model: torch.nn.Module):
+    """Activation checkpointing for a training forward of a model kept in eval mode.
+
+    Hugging Face layers checkpoint only while ``training`` is set; the policy stays in eval mode so
+    that dropout never makes the learner differ from the sampler. Setting the flag on the layer
+    objects alone (not their submodules) turns checkpointing on and leaves dropout off.
+    """
+    layers = []
+    if torch.is_grad_enabled():
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m.training]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+
+
+def _head_logprobs(states, head, completion_ids, completion_mask, temperature) -> torch.Tensor:
+    """(B, T) log-probs of the completion tokens from (B, T, H) final states, padding left at 0."""
+    real = completion_mask.bool()
+    picked = linear_token_logprobs(states[real], head.weight, completion_ids[real], temperature)  # (n,)
+    return torch.zeros(completion_ids.shape, dtype=torch.float32, device=states.device).masked_scatter(real, picked)
 
 
 @torch.no_grad()

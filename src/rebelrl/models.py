@@ -276,6 +276,10 @@ class AdapterDisabled(torch.nn.Module):
         with self.peft_model.disable_adapter():
             return self.peft_model(**kwargs)
 
+    def get_base_model(self) -> torch.nn.Module:
+        """The Hugging Face model underneath (its LoRA layers switched off while ``forward`` runs)."""
+        return self.peft_model.get_base_model()
+
 
 class Critic(torch.nn.Module):
     """V(s_t) for PPO: a linear head on the last hidden state, either the policy's own (``backbone``

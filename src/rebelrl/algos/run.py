@@ -252,7 +252,8 @@ class Run:
         record = next((r for r in read_jsonl(source / "eval.jsonl") if r["iteration"] == 0), None) if (source / "eval.jsonl").exists() else None
         if record is None or not (source / INITIAL_SAMPLES).exists():
             raise RunDirError(f"eval.initial_from={source}: no iteration-0 evaluation there")
-        mismatch = _measurement_diff(yaml.safe_load((source / run_dirs.CONFIG).read_text()), to_dict(self.cfg))
+        theirs = _with_defaults(yaml.safe_load((source / run_dirs.CONFIG).read_text()), to_dict(TrainConfig()))
+        mismatch = _measurement_diff(theirs, to_dict(self.cfg))
         if mismatch:
             raise RunDirError(f"eval.initial_from={source} measured something else: {'; '.join(mismatch)}")
         for name in (INITIAL_SAMPLES, "eval_samples_latest.jsonl"):
@@ -395,6 +396,9 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
     else:
         policy = load_causal_lm(str(checkpoint / "model") if checkpoint else m.name, m.dtype, cfg.seed)
         ref = load_causal_lm(m.ref_name or m.name, m.dtype, cfg.seed)
+    if m.activation_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (LoRA freezes the embeddings).
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # Dropout stays off while training too: the policy that is regressed must be the one that sampled.
     policy.eval()
     ref.eval()
@@ -431,6 +435,16 @@ def _measurement_diff(theirs: dict, ours: dict) -> list[str]:
         return config
 
     return [f"{key}: {get(theirs, key)!r} -> {get(ours, key)!r}" for key in _MEASUREMENT_KEYS if get(theirs, key) != get(ours, key)]
+
+
+def _with_defaults(config: dict, defaults: dict) -> dict:
+    """``config`` with the fields it predates filled in at their defaults (a newer version's new
+    settings, at their defaults, do not change what an older run measured)."""
+    out = dict(defaults)
+    for key, value in config.items():
+        both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        out[key] = _with_defaults(value, defaults[key]) if both_dicts else value
+    return out
 
 
 def _load_critic(cfg: TrainConfig, policy: torch.nn.Module, checkpoint: Path | None) -> Critic | None:

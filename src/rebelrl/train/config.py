@@ -22,6 +22,9 @@ class ModelConfig:
     lora_alpha: float = field(16.0, "LoRA alpha")
     lora_dropout: float = field(0.0, "LoRA dropout (keep 0: the sampler and the learner must be the same function)")
     lora_target_modules: str = field("all-linear", "LoRA target modules (a PEFT spec)")
+    activation_checkpointing: bool = field(
+        False, "recompute each layer's activations in the backward pass instead of keeping them: far less memory, a longer update"
+    )
 
 
 @dataclass

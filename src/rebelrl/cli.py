@@ -4,6 +4,10 @@ Each command reads one YAML file (optional for eval and generate) plus dotted ov
 resolved config and refuses unknown keys, wrong types and meaningless values before any model is
 loaded. A mistake in what the user gave (``UserError``: config, data, reward, env, run directory)
 ends the command with one line and exit code 2; Ctrl-C with what was saved and exit code 130.
+
+``rebelrl train --num_processes N ...`` runs the same command in N local processes (data parallel,
+through torch's launcher); ``accelerate launch [--config_file F] -m rebelrl.cli train ...`` does the
+same with any accelerate config.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
             p.add_argument("--allow-config-change", action="store_true", help="with --resume: apply a config that differs from the run's")
+            p.add_argument("--num_processes", "--num-processes", type=int, default=1,
+                           help="train data-parallel in this many local processes (one per GPU; on the CPU, gloo)")
         if name == "compare":
             p.add_argument("--quick", action="store_true", help="one seed per method")
     ns = parser.parse_args(argv)
@@ -45,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = load_config(cls, path, [*overrides, *flags])
+        if ns.command == "train" and ns.num_processes > 1:
+            return _launch(cfg, ns.num_processes, sys.argv[1:] if argv is None else argv)
         _quiet_libraries()
         if ns.command == "compare":
             from rebelrl.compare import run_all
@@ -76,6 +84,28 @@ def _resume_hint(cfg: TrainConfig, args: list[str]) -> str:
     if checkpoint is None:
         return f"; no complete checkpoint was saved, so resuming starts it again from iteration 0: {command}"
     return f"; the last complete checkpoint is {checkpoint} (iteration {checkpoint_iteration(checkpoint)}); resume with: {command}"
+
+
+def _launch(cfg: TrainConfig, num_processes: int, argv: list[str]) -> int:
+    """Check that the processes get equal shares, then run this command again in ``num_processes``."""
+    from rebelrl.train.distributed import check_shares, launch, launched_processes
+
+    if launched_processes() > 1:
+        raise ConfigError("--num_processes inside a launched run: launch with one of accelerate launch, torchrun or --num_processes")
+    check_shares(cfg, num_processes)
+    return launch(num_processes, _without_num_processes(argv))
+
+
+def _without_num_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--num_processes", "--num-processes"):
+            skip = True
+        elif not arg.startswith(("--num_processes=", "--num-processes=")):
+            out.append(arg)
+    return out
 
 
 def _train(cfg: TrainConfig) -> int:

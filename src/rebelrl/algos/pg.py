@@ -204,49 +204,57 @@ def assemble(run: Run, rollout: Rollout, scores: torch.Tensor, method: Method) -
     return Collected(rollout, batch, metrics, scores, from_sampler)
 
 
-def _values(run: Run, rollout: Rollout, rows: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """(m, T) critic values of the states before each completion token of ``rows``."""
+def _values(run: Run, rollout: Rollout, rows: torch.Tensor, hidden: torch.Tensor | None = None, critic=None) -> torch.Tensor:
+    """(m, T) critic values of the states before each completion token of ``rows``; ``critic``: the
+    module to call (the trained one, wrapped for several processes), else ``run.critic``."""
     r = rollout
     if run.critic.backbone is None and hidden is None:  # shared: the policy's hidden states
         _, hidden = completion_logprobs(run.policy, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
                                         run.sampling.logprob_temperature, return_hidden=True)
-    return run.critic(hidden, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows]) * r.completion_mask[rows]
+    critic = critic if critic is not None else run.critic
+    return critic(hidden, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows]) * r.completion_mask[rows]
 
 
 def update(run: Run, collected: Collected, method: Method) -> dict[str, float]:
-    """``epochs`` passes over the completions in shuffled minibatches; one optimizer step per minibatch."""
+    """``epochs`` passes over the completions in shuffled minibatches; one optimizer step per minibatch.
+
+    With several processes the completions are this process's share, a minibatch is its share of the
+    global ``minibatch_size``, and the step averages the gradients of all shares."""
     cfg = run.cfg.update
     rollout, batch = collected.rollout, collected.batch
     mask = rollout.completion_mask
     loss_fn = method.loss(run.cfg, mask)
     shared_critic = run.critic is not None and run.critic.backbone is None
     temperature = run.sampling.logprob_temperature
+    minibatch_size = cfg.minibatch_size // run.processes.count  # this process's share of each minibatch
     losses, grad_norms, fit, mismatch = [], [], [], None
     for _ in range(cfg.epochs):
         order = torch.randperm(len(rollout))
-        for start in range(0, len(rollout), cfg.minibatch_size):
-            minibatch = order[start : start + cfg.minibatch_size]
+        for start in range(0, len(rollout), minibatch_size):
+            minibatch = order[start : start + minibatch_size]
             units = mask[minibatch].sum().item() if method.per_token else len(minibatch)
             run.optimizer.zero_grad(set_to_none=True)
             total = 0.0
-            for micro in minibatch.split(cfg.micro_batch_size):
+            micros = minibatch.split(cfg.micro_batch_size)
+            for j, micro in enumerate(micros):
                 r = rollout
-                out = completion_logprobs(run.policy, r.prompt_ids[micro], r.prompt_mask[micro], r.completion_ids[micro], r.completion_mask[micro],
-                                          temperature, return_hidden=shared_critic)
-                logps, hidden = out if shared_critic else (out, None)
-                if not grad_norms:  # before the first step pi_theta must equal pi_t
-                    gap = ((logps.detach() - batch.old_logps[micro]) * mask[micro]).sum(1).abs().max().item()
-                    if gap > run.cfg.rollout.logprob_tolerance and collected.old_from_sampler:
-                        run.stop_trusting_sampler(gap)
-                        repaired = assemble(run, rollout, collected.scores, method)
-                        repaired.metrics = {**collected.metrics, **repaired.metrics}
-                        collected, batch = repaired, repaired.batch
-                        gap = ((logps.detach() - batch.old_logps[micro]) * mask[micro]).sum(1).abs().max().item()
-                    mismatch = gap if mismatch is None else max(mismatch, gap)
-                values = _values(run, rollout, micro, hidden) if run.critic is not None else None
-                loss, metrics = loss_fn(logps, values, batch, micro)
-                weight = (mask[micro].sum().item() if method.per_token else len(micro)) / units
-                (loss * weight).backward()
+                with run.micro_batch(last=j == len(micros) - 1):
+                    out = completion_logprobs(run.learner, r.prompt_ids[micro], r.prompt_mask[micro], r.completion_ids[micro],
+                                              r.completion_mask[micro], temperature, return_hidden=shared_critic)
+                    logps, hidden = out if shared_critic else (out, None)
+                    if not grad_norms:  # before the first step pi_theta must equal pi_t
+                        gap = run.first_step_gap(((logps.detach() - batch.old_logps[micro]) * mask[micro]).sum(1).abs().max().item())
+                        if gap > run.cfg.rollout.logprob_tolerance and collected.old_from_sampler:
+                            run.stop_trusting_sampler(gap)
+                            repaired = assemble(run, rollout, collected.scores, method)
+                            repaired.metrics = {**collected.metrics, **repaired.metrics}
+                            collected, batch = repaired, repaired.batch
+                            gap = ((logps.detach() - batch.old_logps[micro]) * mask[micro]).sum(1).abs().max().item()
+                        mismatch = gap if mismatch is None else max(mismatch, gap)
+                    values = _values(run, rollout, micro, hidden, run.critic_learner) if run.critic is not None else None
+                    loss, metrics = loss_fn(logps, values, batch, micro)
+                    weight = (mask[micro].sum().item() if method.per_token else len(micro)) / units
+                    run.backward(loss * weight)
                 total += loss.item() * weight
                 fit.append(metrics)
             run.stop_if_non_finite("loss", total, "lower optim.lr, or check the reward's scale")
@@ -299,7 +307,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         metrics = update(run, collected, method)
         metrics["time/train"] = time.perf_counter() - t1
         metrics["time/total"] = time.perf_counter() - t0
-        run.end_iteration(iteration, metrics)
+        run.end_iteration(iteration, metrics, collected.rollout)
     return run.finish()
 
 

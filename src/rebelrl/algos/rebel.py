@@ -144,6 +144,8 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
     """``epochs`` passes over the pairs in shuffled minibatches; one optimizer step per minibatch.
 
     ``loss_fn(logps (m, 2), pairs, micro (m,)) -> (loss, metrics)`` is REBEL's regression unless given.
+    With several processes, ``pairs`` are this process's share, a minibatch is its share of the global
+    ``minibatch_size``, and the step averages the gradients of all shares.
     """
     cfg = run.cfg.update
     loss_fn = loss_fn or rebel_pair_loss(run.cfg.rebel.eta)
@@ -151,45 +153,46 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
     # Scores are checked as they come; a reward can still overflow through the KL penalty.
     run.stop_if_non_finite("reward after the KL penalty", pairs.rewards.abs().max().item(), "check rebel.kl_coef and the reference model")
     temperature = run.sampling.logprob_temperature
+    minibatch_size = cfg.minibatch_size // run.processes.count  # this process's share of each minibatch
     losses, grad_norms, fit, mismatch = [], [], [], None
     for _ in range(cfg.epochs):
         order = torch.randperm(len(pairs))
-        for start in range(0, len(pairs), cfg.minibatch_size):
-            minibatch = order[start : start + cfg.minibatch_size]
+        for start in range(0, len(pairs), minibatch_size):
+            minibatch = order[start : start + minibatch_size]
             run.optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for m0 in range(0, len(minibatch), cfg.micro_batch_size):
                 micro = minibatch[m0 : m0 + cfg.micro_batch_size]  # (m,)
                 rows = pairs.index[micro].reshape(-1)  # (2m,) pair-major: row 2j is y, 2j+1 is y'
-                logps = completion_logprobs(
-                    run.policy,
-                    rollout.prompt_ids[rows],
-                    rollout.prompt_mask[rows],
-                    rollout.completion_ids[rows],
-                    rollout.completion_mask[rows],
-                    temperature,
-                ).sum(1).view(-1, 2)  # (m, 2)
-                if not grad_norms:
-                    # Before the first step pi_theta must equal pi_t, or the regression target is biased.
-                    gap = (logps.detach() - pairs.old_logps[micro]).abs().max().item()
-                    if gap > run.cfg.rollout.logprob_tolerance and batch.old_from_sampler:
-                        # The sampler's record is not this forward's: recompute log pi_t for the whole
-                        # batch now, while theta is still theta_t, and from now on.
-                        run.stop_trusting_sampler(gap)
-                        repaired = assemble(run, rollout, batch.scores, pairs.index, batch.ref_logps)
-                        seconds = batch.metrics["time/logprobs"] + repaired.metrics["time/logprobs"]
-                        repaired.metrics = {**batch.metrics, **repaired.metrics, "time/logprobs": seconds}
-                        batch, pairs = repaired, repaired.pairs
-                        gap = (logps.detach() - pairs.old_logps[micro]).abs().max().item()
-                    mismatch = gap if mismatch is None else max(mismatch, gap)
-                loss, metrics = loss_fn(logps, pairs, micro)
-                # Weight by the micro-batch's share so accumulated gradients equal the minibatch mean.
-                (loss * len(micro) / len(minibatch)).backward()
+                with run.micro_batch(last=m0 + cfg.micro_batch_size >= len(minibatch)):
+                    logps = completion_logprobs(
+                        run.learner,
+                        rollout.prompt_ids[rows],
+                        rollout.prompt_mask[rows],
+                        rollout.completion_ids[rows],
+                        rollout.completion_mask[rows],
+                        temperature,
+                    ).sum(1).view(-1, 2)  # (m, 2)
+                    if not grad_norms:
+                        # Before the first step pi_theta must equal pi_t, or the regression target is biased.
+                        gap = run.first_step_gap((logps.detach() - pairs.old_logps[micro]).abs().max().item())
+                        if gap > run.cfg.rollout.logprob_tolerance and batch.old_from_sampler:
+                            # The sampler's record is not this forward's: recompute log pi_t for the whole
+                            # batch now, while theta is still theta_t, and from now on.
+                            run.stop_trusting_sampler(gap)
+                            repaired = assemble(run, rollout, batch.scores, pairs.index, batch.ref_logps)
+                            seconds = batch.metrics["time/logprobs"] + repaired.metrics["time/logprobs"]
+                            repaired.metrics = {**batch.metrics, **repaired.metrics, "time/logprobs": seconds}
+                            batch, pairs = repaired, repaired.pairs
+                            gap = (logps.detach() - pairs.old_logps[micro]).abs().max().item()
+                        mismatch = gap if mismatch is None else max(mismatch, gap)
+                    loss, metrics = loss_fn(logps, pairs, micro)
+                    # Weight by the micro-batch's share so accumulated gradients equal the minibatch mean.
+                    run.backward(loss * len(micro) / len(minibatch))
                 total += loss.item() * len(micro) / len(minibatch)
                 fit.append(metrics)
-            if not math.isfinite(total):
-                span = f"[{pairs.rewards.min().item():.3g}, {pairs.rewards.max().item():.3g}]"
-                run.stop_if_non_finite("loss", total, f"the pair rewards span {span}: scale the reward down if it is large, else lower optim.lr")
+            span = f"[{pairs.rewards.min().item():.3g}, {pairs.rewards.max().item():.3g}]"
+            run.stop_if_non_finite("loss", total, f"the pair rewards span {span}: scale the reward down if it is large, else lower optim.lr")
             grad_norms.append(run.clip_and_step())
             losses.append(total)
     return run.update_summary(batch.metrics, losses, grad_norms, fit, mismatch, batch.old_from_sampler)
@@ -208,7 +211,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         metrics = update(run, batch, loss_fn)
         metrics["time/train"] = time.perf_counter() - t1
         metrics["time/total"] = time.perf_counter() - t0
-        run.end_iteration(iteration, metrics)
+        run.end_iteration(iteration, metrics, batch.rollout)
     return run.finish()
 
 

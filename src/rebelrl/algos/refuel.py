@@ -107,5 +107,5 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         metrics = update(run, batch, loss_fn)
         metrics["time/train"] = time.perf_counter() - t1
         metrics["time/total"] = time.perf_counter() - t0
-        run.end_iteration(iteration, metrics)
+        run.end_iteration(iteration, metrics, batch.rollout)
     return run.finish()

@@ -1,6 +1,11 @@
 """What every online training loop shares: the run directory, models, data order, evaluation,
 checkpoints and resume. An algorithm's loop owns only collect -> loss -> step; it calls into ``Run``
 for the rest, so the loop itself stays readable top to bottom.
+
+With several processes (``rebelrl.train.distributed``) the loop is the same in each: ``prompts_for``
+hands a process its share of the iteration's prompts, ``learner`` is the policy whose backward
+averages gradients, ``end_iteration`` combines the processes' metrics, evaluation shares the held-out
+prompts and gathers the samples, and the main process alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,15 +28,26 @@ from rebelrl.data import PromptDataError
 from rebelrl.envs import Task, build_task, task_reward
 from rebelrl.errors import NonFiniteError
 from rebelrl.eval import evaluate, load_sample_scores, read_jsonl, save_samples, score_conversations, score_rollout, write_report
-from rebelrl.eval.dialogue import evaluate_dialogues, load_turn_scores, per_turn_table, plot_per_turn, save_dialogues
+from rebelrl.eval.dialogue import (
+    dialogue_metrics,
+    evaluate_dialogue_rows,
+    evaluate_dialogues,
+    load_turn_scores,
+    per_turn_table,
+    plot_per_turn,
+    save_dialogue_rows,
+    save_dialogues,
+)
+from rebelrl.eval.evaluate import eval_metrics, eval_rows, save_sample_rows
 from rebelrl.logprobs import rollout_logprobs
 from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer
 from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
-from rebelrl.seeding import seed_everything, set_rng_state
+from rebelrl.seeding import rng_state, seed_everything, set_rng_state
 from rebelrl.train import run_dir as run_dirs
 from rebelrl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_atomic
 from rebelrl.train.config import OptimConfig, TrainConfig
+from rebelrl.train.distributed import ONE_PROCESS, GatheringGenerator, Processes, check_shares
 from rebelrl.train.metrics import JsonlLogger
 from rebelrl.train.optim import make_optimizer, make_schedule
 from rebelrl.train.run_dir import RunDirError  # noqa: F401  (raised through here since the first version)
@@ -58,6 +75,9 @@ class Run:
     start_iteration: int = 0
     recompute_old: bool = False  # log pi_t from a forward pass after sampling, not the sampler's record
     critic: Critic | None = None  # PPO's value function
+    processes: Processes = ONE_PROCESS  # this process among the run's (one, unless launched with several)
+    wrapped_policy: torch.nn.Module | None = None  # accelerate's wrapper of the policy (DDP, FSDP, DeepSpeed); None: not wrapped
+    wrapped_critic: torch.nn.Module | None = None
     astar_values: dict[str, float] = field(default_factory=dict)  # A*-PO: V*(x) by prompt, estimated once
     iteration: int = 0  # the iteration being trained (0 before the first)
     metrics_log: JsonlLogger = None
@@ -70,50 +90,64 @@ class Run:
 
     @classmethod
     def start(cls, cfg: TrainConfig, steps_per_iteration: int) -> Run:
-        """Validate everything cheap first (run dir, prompts, reward), then load models and resume."""
+        """Validate everything cheap first (process shares, run dir, prompts, reward), then load models and resume."""
+        processes = Processes.start()
+        check_shares(cfg, processes.count, processes.steps_in_backward)
         threads = pin_threads(cfg.threads)
         run_dir = Path(cfg.run_dir)
-        checkpoint = run_dirs.prepare(cfg)
+        checkpoint = processes.on_main(lambda: run_dirs.prepare(cfg))
         task = build_task(cfg.task)
         reward_name, reward_fn = task_reward(task, cfg.reward)
-        seed_everything(cfg.seed)
+        # Every process samples its own completions: its random streams start from seed + rank.
+        seed_everything(cfg.seed + processes.rank)
 
-        run_dirs.mark(run_dir)
-        if checkpoint is None:  # a resumed run keeps the config it started with; changes are in config_changes.jsonl
-            write_atomic(run_dir / run_dirs.CONFIG, to_yaml(cfg))
-        print(f"rebelrl: resolved config ({run_dir / run_dirs.CONFIG})\n{to_yaml(cfg)}", file=sys.stderr)
-        print(f"rebelrl: {threads} CPU threads, pinned for the whole run", file=sys.stderr)
+        if processes.is_main:
+            run_dirs.mark(run_dir)
+            if checkpoint is None:  # a resumed run keeps the config it started with; changes are in config_changes.jsonl
+                write_atomic(run_dir / run_dirs.CONFIG, to_yaml(cfg))
+            print(f"rebelrl: resolved config ({run_dir / run_dirs.CONFIG})\n{to_yaml(cfg)}", file=sys.stderr)
+            print(f"rebelrl: {threads} CPU threads, pinned for the whole run", file=sys.stderr)
+            if processes.count > 1:
+                print(f"rebelrl: {processes.count} processes ({processes.accelerator.distributed_type}), each sampling "
+                      f"{cfg.rollout.prompts_per_iter // processes.count} prompts an iteration with seed {cfg.seed} + its rank", file=sys.stderr)
 
         tokenizer = load_tokenizer(cfg.model.name, cfg.task.prompt_format)
         policy, ref = _load_models(cfg, checkpoint)
         r = cfg.rollout
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         check_prompt_lengths(task, tokenizer, _context_length(policy), max(r.max_new_tokens, eval_budget))
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        policy.to(device)
-        ref.to(device)
+        policy.to(processes.device)
+        ref.to(processes.device)
         critic = _load_critic(cfg, policy, checkpoint)
         trainable = list(policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
         optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
-        scheduler = make_schedule(optimizer, cfg.optim.schedule, cfg.iterations * steps_per_iteration, cfg.optim.warmup_steps)
+        wrapped, optimizer = processes.prepare(policy, optimizer)
+        # The schedule steps the optimizer itself, once per step (accelerate's scheduler wrapper would step it once per process).
+        scheduler = make_schedule(getattr(optimizer, "optimizer", optimizer), cfg.optim.schedule, cfg.iterations * steps_per_iteration,
+                                  cfg.optim.warmup_steps)
         sampling = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, r.repetition_penalty, r.min_new_tokens)
         # Evaluation samples as training does, at its own temperature and budget if set.
         eval_temperature = cfg.eval.temperature if cfg.eval.temperature is not None else r.temperature
         eval_sampling = SamplingParams(eval_temperature, r.top_p, r.top_k, eval_budget, r.repetition_penalty, min(r.min_new_tokens, eval_budget))
+        generator = HFGenerator(policy, tokenizer, r.batch_size)
+        if processes.shards_weights:
+            generator = GatheringGenerator(generator, lambda: processes.full_weights(wrapped))
         run = cls(
             cfg=cfg, run_dir=run_dir, task=task, reward_fn=reward_fn, reward_name=reward_name, tokenizer=tokenizer,
-            policy=policy, ref=ref, generator=HFGenerator(policy, tokenizer, r.batch_size), optimizer=optimizer,
+            policy=policy, ref=ref, generator=generator, optimizer=optimizer,
             scheduler=scheduler, sampling=sampling, eval_sampling=eval_sampling,
             eval_reward_fn=checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i)),
             metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
-            recompute_old=_recompute_old(cfg, policy), critic=critic,
+            recompute_old=_recompute_old(cfg, policy), critic=critic, processes=processes,
+            wrapped_policy=wrapped if wrapped is not policy else None,
+            wrapped_critic=processes.prepare_module(critic) if critic is not None and processes.distributed else None,
         )
         stops = ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in run.generator.stop_ids)
         source = "a forward pass after sampling" if run.recompute_old else "the sampler's record (checked every iteration)"
-        print(f"rebelrl: replies end at token {stops}; log pi_t from {source}", file=sys.stderr)
+        run.say(f"rebelrl: replies end at token {stops}; log pi_t from {source}")
         if not sampling.exact:
-            print("rebelrl: top-p, top-k, repetition penalty or min_new_tokens make the sampler differ from pi_t, "
-                  "the softmax the log-probs describe (sampler_dropped_mass in metrics.jsonl)", file=sys.stderr)
+            run.say("rebelrl: top-p, top-k, repetition penalty or min_new_tokens make the sampler differ from pi_t, "
+                    "the softmax the log-probs describe (sampler_dropped_mass in metrics.jsonl)")
         if checkpoint is not None:
             run._restore(checkpoint)
         else:
@@ -125,16 +159,39 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         apply_optim_config(self.optimizer, self.scheduler, self.cfg.optim)
-        set_rng_state(state["rng"])
+        rng = _process_rng(state, self.processes.rank)
+        if rng is not None:
+            set_rng_state(rng)
         self.start_iteration = state["iteration"]
         self.recompute_old = state.get("recompute_old", self.recompute_old)
         self.astar_values = dict(state.get("astar_values", {}))
-        self.metrics_log.rewind(self.start_iteration)
-        self.eval_log.rewind(self.start_iteration)
+        if self.processes.is_main:
+            self.metrics_log.rewind(self.start_iteration)
+            self.eval_log.rewind(self.start_iteration)
+        self.processes.wait()  # the logs are rewound before any process reads them
         initial = self.run_dir / INITIAL_SAMPLES
         self.baseline_scores = load_turn_scores(initial) if self.task.env is not None else load_sample_scores(initial)
         self.evals = read_jsonl(self.eval_log.path)
-        print(f"rebelrl: resumed from {checkpoint} (iteration {self.start_iteration})", file=sys.stderr)
+        self.say(f"rebelrl: resumed from {checkpoint} (iteration {self.start_iteration})")
+
+    @property
+    def learner(self) -> torch.nn.Module:
+        """The policy as it is trained: with several processes, the wrapper whose backward averages gradients."""
+        return self.wrapped_policy if self.wrapped_policy is not None else self.policy
+
+    @property
+    def critic_learner(self) -> Critic | None:
+        return self.wrapped_critic if self.wrapped_critic is not None else self.critic
+
+    def say(self, message: str) -> None:
+        """A line on stderr from the main process (the others would repeat it)."""
+        if self.processes.is_main:
+            print(message, file=sys.stderr)
+
+    def note(self, message: str) -> None:
+        """A line beside the progress bar, from the main process."""
+        if self.processes.is_main:
+            (self._bar.write if self._bar is not None else print)(message)
 
     # --- per iteration -------------------------------------------------------------------------
 
@@ -143,21 +200,25 @@ class Run:
         self._bar = tqdm(
             range(self.start_iteration + 1, self.cfg.iterations + 1),
             initial=self.start_iteration, total=self.cfg.iterations, desc="rebelrl", unit="it", dynamic_ncols=True,
+            disable=not self.processes.is_main,
         )
         for iteration in self._bar:
             self.iteration = iteration
             yield iteration
 
     def prompts_for(self, iteration: int):
-        """The prompts of ``iteration`` (1-based): consecutive slices of an endless stream of epochs,
-        each epoch a permutation seeded by (seed, epoch). A function of the iteration alone, so a
-        resumed run reads exactly the prompts the uninterrupted one would have."""
+        """This process's share of the prompts of ``iteration`` (1-based; one process: all of them).
+
+        An iteration's prompts are consecutive slices of an endless stream of epochs, each epoch a
+        permutation seeded by (seed, epoch), and process r of N takes the r-th of N equal, contiguous
+        parts. A function of the iteration and the process alone, so a resumed run reads exactly the
+        prompts the uninterrupted one would have, whatever the number of processes."""
         n, train = self.cfg.rollout.prompts_per_iter, self.task.train
         out = []
         for pos in range((iteration - 1) * n, iteration * n):
             epoch, i = divmod(pos, len(train))
             out.append(train[_epoch_order(len(train), self.cfg.seed, epoch)[i]])
-        return out
+        return self.processes.share(out)
 
     def old_token_logps(self, rollout) -> tuple[torch.Tensor, bool]:
         """(N, T) log pi_t of every completion token, and whether it is the sampler's record.
@@ -167,14 +228,28 @@ class Run:
         sampled, in the layout training uses, gives them exactly.
         """
         if self.recompute_old:
-            return rollout_logprobs(self.policy, rollout, self.sampling.logprob_temperature, self.cfg.update.micro_batch_size * 2), False
+            with self.processes.full_weights(self.learner):
+                return rollout_logprobs(self.policy, rollout, self.sampling.logprob_temperature, self.cfg.update.micro_batch_size * 2), False
         return rollout.sample_logps, True
 
     def stop_trusting_sampler(self, gap: float) -> None:
         self.recompute_old = True
-        msg = (f"rebelrl: the sampler's log-probs differ from the training forward by {gap:.2g} nats a reply "
-               f"(> rollout.logprob_tolerance={self.cfg.rollout.logprob_tolerance:g}): log pi_t is recomputed from now on")
-        (self._bar.write if self._bar is not None else print)(msg)
+        self.note(f"rebelrl: the sampler's log-probs differ from the training forward by {gap:.2g} nats a reply "
+                  f"(> rollout.logprob_tolerance={self.cfg.rollout.logprob_tolerance:g}): log pi_t is recomputed from now on")
+
+    def first_step_gap(self, gap: float) -> float:
+        """The largest gap between log pi_t and the training forward over all processes, so that all of
+        them decide alike whether to stop trusting the sampler."""
+        return self.processes.max(gap)
+
+    def micro_batch(self, last: bool):
+        """Context of one micro-batch's forward and backward; gradients are averaged across processes
+        on the ``last`` one of a minibatch only."""
+        models = [self.learner] + ([self.wrapped_critic] if self.wrapped_critic is not None else [])
+        return self.processes.micro_batch(models, last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.processes.backward(loss)
 
     def score(self, rollout) -> torch.Tensor:
         return score_rollout(self.reward_fn, rollout, self.cfg.reward.no_eos_penalty, self.reward_name)
@@ -187,17 +262,19 @@ class Run:
         """Clip, step the optimizer and the schedule; returns the pre-clip gradient norm.
 
         A non-finite norm stops the run before the step, so no weights it would have made are saved."""
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params = [p for p in self.learner.parameters() if p.requires_grad]
         params += list(self.critic.parameters()) if self.critic is not None else []
         max_norm = self.cfg.optim.max_grad_norm or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        norm = self.processes.clip_grad_norm(params, max_norm)
         self.stop_if_non_finite("gradient norm", norm, "lower optim.lr, or check the reward's scale")
         self.optimizer.step()
         self.scheduler.step()
         return norm
 
     def stop_if_non_finite(self, what: str, value: float, advice: str, before: str = "the optimizer step") -> None:
-        """Raise ``NonFiniteError`` naming the iteration, ``what`` and the last checkpoint if ``value`` is NaN or inf."""
+        """Raise ``NonFiniteError`` naming the iteration, ``what`` and the last checkpoint if ``value`` is
+        NaN or inf in any process (every process checks at the same point, and all of them stop)."""
+        value = self.processes.worst(value)
         if not math.isfinite(value):
             self._stop(f"the {what} is {value}", advice, before)
 
@@ -223,7 +300,11 @@ class Run:
             "old_logps_recomputed": float(not old_from_sampler),
         }
 
-    def end_iteration(self, iteration: int, metrics: dict) -> None:
+    def end_iteration(self, iteration: int, metrics: dict, rollout=None) -> None:
+        """Check, log, evaluate and save; ``metrics`` are this process's, of its share ``rollout``,
+        and are first combined with the other processes' into the whole batch's."""
+        if rollout is not None:
+            metrics = self.processes.combine(metrics, len(rollout), int(rollout.completion_mask.sum()))
         # Whatever a loop checked on the way, nothing non-finite is logged, evaluated or saved.
         before = "logging, evaluating or saving this iteration"
         for key in ("loss", "grad_norm", "reward_mean", "score_mean"):
@@ -232,7 +313,8 @@ class Run:
         if not all(torch.isfinite(p).all() for p in self.policy.parameters() if p.requires_grad):
             self._stop("some weights are NaN or infinite", "lower optim.lr", before)
         record = {"iteration": iteration, **metrics}
-        self.metrics_log.log(record)
+        if self.processes.is_main:
+            self.metrics_log.log(record)
         if self._bar is not None:
             self._bar.set_postfix(reward=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_to_ref']:.2f}", refresh=False)
         last = iteration == self.cfg.iterations
@@ -256,72 +338,112 @@ class Run:
         mismatch = _measurement_diff(theirs, to_dict(self.cfg))
         if mismatch:
             raise RunDirError(f"eval.initial_from={source} measured something else: {'; '.join(mismatch)}")
-        for name in (INITIAL_SAMPLES, "eval_samples_latest.jsonl"):
-            shutil.copyfile(source / name, self.run_dir / name)
-        initial = self.run_dir / INITIAL_SAMPLES
+        if self.processes.is_main:
+            for name in (INITIAL_SAMPLES, "eval_samples_latest.jsonl"):
+                shutil.copyfile(source / name, self.run_dir / name)
+        initial = source / INITIAL_SAMPLES
         self.baseline_scores = load_turn_scores(initial) if self.task.env is not None else load_sample_scores(initial)
         record = {**record, "reused_from": str(source)}
-        self.eval_log.log(record)
+        if self.processes.is_main:
+            self.eval_log.log(record)
         self.evals.append(record)
 
     def run_eval(self, iteration: int) -> dict:
         t0 = time.perf_counter()
-        if self.task.env is not None:
-            metrics = self._eval_dialogues()
-        else:
-            metrics = self._eval_single_turn()
-        record = {"iteration": iteration, **metrics, "time/eval": time.perf_counter() - t0}
-        self.eval_log.log(record)
+        with self.processes.full_weights(self.learner):
+            if self.task.env is not None:
+                metrics = self._eval_dialogues()
+            else:
+                metrics = self._eval_single_turn()
+        record = {"iteration": iteration, **metrics, "time/eval": self.processes.max(time.perf_counter() - t0)}
+        if self.processes.is_main:
+            self.eval_log.log(record)
         self.evals.append(record)
-        msg = f"eval @ {iteration}: reward {metrics['reward_mean']:.3f}  win rate vs initial {metrics['win_rate_vs_initial']:.3f}  KL {metrics['kl_to_ref']:.3f}"
-        (self._bar.write if self._bar is not None else print)(msg)
+        self.note(f"eval @ {iteration}: reward {metrics['reward_mean']:.3f}  win rate vs initial {metrics['win_rate_vs_initial']:.3f}  "
+                  f"KL {metrics['kl_to_ref']:.3f}")
         return record
 
+    def _shared_eval(self, evaluate_part) -> list[dict]:
+        """Held-out records of every prompt, in order, with the prompts shared among processes.
+
+        The prompts are cut into consecutive parts of at most ``rollout.batch_size`` (one generate call
+        each; as many parts as processes where the prompts allow), part c is sampled under the seed
+        ``eval.seed + c`` by process c mod N, and every process gets every record. The samples depend
+        on the parts alone, not on which process drew them: one process evaluating the same parts
+        gives the same numbers. ``evaluate_part(prompts, seed) -> records``."""
+        prompts, n = self.task.eval, self.processes.count
+        size = min(self.cfg.rollout.batch_size, math.ceil(len(prompts) / n))
+        parts = range(math.ceil(len(prompts) / size))
+        mine = [(c, i, row) for c in parts if c % n == self.processes.rank
+                for i, row in enumerate(evaluate_part(prompts[c * size : (c + 1) * size], self.cfg.eval.seed + c))]
+        return [row for _, _, row in sorted(self.processes.gather(mine), key=lambda x: x[:2])]
+
     def _eval_dialogues(self) -> dict:
-        metrics, dialogues, scores = evaluate_dialogues(
-            self.generator, self.policy, self.ref, self.tokenizer, self.task.env, self.task.eval, self.eval_reward_fn,
-            self.eval_sampling, self.cfg.eval.seed, self.cfg.task.horizon, self.baseline_scores, self.cfg.reward.no_eos_penalty,
-        )
+        args = (self.generator, self.policy, self.ref, self.tokenizer, self.task.env)
+        tail = (self.eval_reward_fn, self.eval_sampling)
+        H, penalty = self.cfg.task.horizon, self.cfg.reward.no_eos_penalty
+        if self.processes.distributed:
+            rows = self._shared_eval(lambda starts, seed: evaluate_dialogue_rows(*args, starts, *tail, seed, H, penalty))
+            metrics = dialogue_metrics(rows, self.eval_sampling, H, self.baseline_scores)
+            scores = torch.tensor([r["turn_scores"] for r in rows], dtype=torch.float32)  # (N, H)
+            save = partial(save_dialogue_rows, rows=rows)
+        else:
+            metrics, dialogues, scores = evaluate_dialogues(*args, self.task.eval, *tail, self.cfg.eval.seed, H, self.baseline_scores, penalty)
+            save = partial(save_dialogues, dialogues=dialogues, scores=scores)
         if self.baseline_scores is None:
             self.baseline_scores = scores
-            metrics.update({f"win_rate_turn_{h}": 0.5 for h in range(1, self.cfg.task.horizon + 1)}, win_rate_vs_initial=0.5)
-            save_dialogues(self.run_dir / INITIAL_SAMPLES, dialogues, scores)
-        save_dialogues(self.run_dir / "eval_samples_latest.jsonl", dialogues, scores)
+            metrics.update({f"win_rate_turn_{h}": 0.5 for h in range(1, H + 1)}, win_rate_vs_initial=0.5)
+            self._save_samples(save, INITIAL_SAMPLES)
+        self._save_samples(save, "eval_samples_latest.jsonl")
         return metrics
 
     def _eval_single_turn(self) -> dict:
-        metrics, rollout, scores = evaluate(
-            self.generator, self.ref, self.task.eval, self.eval_reward_fn, self.eval_sampling, self.cfg.eval.seed,
-            self.cfg.reward.no_eos_penalty, self.baseline_scores, batch_size=self.cfg.update.micro_batch_size * 2,
-            recompute_policy_logps=self.recompute_old,
-        )
+        args = (self.generator, self.ref)
+        tail = (self.eval_reward_fn, self.eval_sampling)
+        options = dict(batch_size=self.cfg.update.micro_batch_size * 2, recompute_policy_logps=self.recompute_old)
+        penalty = self.cfg.reward.no_eos_penalty
+        if self.processes.distributed:
+            rows = self._shared_eval(lambda prompts, seed: eval_rows(*args, prompts, *tail, seed, penalty, **options))
+            metrics = eval_metrics(rows, self.eval_sampling, self.baseline_scores)
+            scores = torch.tensor([r["score"] for r in rows], dtype=torch.float32)  # (N,)
+            save = partial(save_sample_rows, rows=rows)
+        else:
+            metrics, rollout, scores = evaluate(*args, self.task.eval, *tail, self.cfg.eval.seed, penalty, self.baseline_scores, **options)
+            save = partial(save_samples, rollout=rollout, scores=scores)
         if self.baseline_scores is None:  # the initial policy: every later evaluation is compared with it
             self.baseline_scores = scores
             metrics["win_rate_vs_initial"] = 0.5
-            save_samples(self.run_dir / INITIAL_SAMPLES, rollout, scores)
-        save_samples(self.run_dir / "eval_samples_latest.jsonl", rollout, scores)
+            self._save_samples(save, INITIAL_SAMPLES)
+        self._save_samples(save, "eval_samples_latest.jsonl")
         return metrics
 
+    def _save_samples(self, save, name: str) -> None:
+        if self.processes.is_main:
+            save(self.run_dir / name)
+
     def save(self, iteration: int) -> None:
+        """The main process writes the checkpoint (atomically) while the others wait for it to be whole."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "recompute_old": self.recompute_old,
                  "astar_values": self.astar_values}
+        if self.processes.distributed:  # each process's random streams, so that each resumes its own
+            state["rng_by_process"] = self.processes.gather([rng_state()])
+            state["astar_values"] = {k: v for values in self.processes.gather([self.astar_values]) for k, v in values.items()}
+        weights = self.processes.state_dict(self.learner)
         extra = {CRITIC_FILE: self.critic} if self.critic is not None else {}
-        save_checkpoint(self.run_dir, iteration, self.policy, self.tokenizer, state, self.cfg.checkpoint.keep_last, extra)
+        if self.processes.is_main:
+            save_checkpoint(self.run_dir, iteration, self.policy, self.tokenizer, state, self.cfg.checkpoint.keep_last, extra, weights)
+        self.processes.wait()
 
     def finish(self) -> dict:
         if self._bar is not None:
             self._bar.close()
+        first, last = self.evals[0], self.evals[-1]
+        if not self.processes.is_main:
+            return _summary(first, last, self.cfg.iterations)
         report = write_report(self.run_dir, title=f"{self.cfg.algo.upper()} on {self.task.name} ({self.cfg.model.name})")
         if self.task.env is not None:
             self._per_turn_report(report)
-        first, last = self.evals[0], self.evals[-1]
-        summary = {
-            "initial_reward": first["reward_mean"],
-            "final_reward": last["reward_mean"],
-            "final_win_rate_vs_initial": last["win_rate_vs_initial"],
-            "final_kl_to_ref": last["kl_to_ref"],
-            "iterations": self.cfg.iterations,
-        }
+        summary = _summary(first, last, self.cfg.iterations)
         print(
             f"\nheld-out reward ({self.reward_name}, {first['n_prompts']} prompts): "
             f"{summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} "
@@ -340,6 +462,25 @@ class Run:
         section = f"\n## Win rate vs initial policy at each turn h\n\n![per turn](plots/win_rate_per_turn.png)\n\n{table}\n"
         write_atomic(report, report.read_text() + section)
         print(f"\nwin rate vs initial policy by turn h:\n{table}")
+
+
+def _summary(first: dict, last: dict, iterations: int) -> dict:
+    return {
+        "initial_reward": first["reward_mean"],
+        "final_reward": last["reward_mean"],
+        "final_win_rate_vs_initial": last["win_rate_vs_initial"],
+        "final_kl_to_ref": last["kl_to_ref"],
+        "iterations": iterations,
+    }
+
+
+def _process_rng(state: dict, rank: int) -> dict | None:
+    """The random streams process ``rank`` resumes with: its own where the checkpoint has them; a
+    one-process checkpoint's for process 0; None (keep seed + rank) for a process the saving run lacked."""
+    by_process = state.get("rng_by_process")
+    if by_process is not None:
+        return by_process[rank] if rank < len(by_process) else None
+    return state["rng"] if rank == 0 else None
 
 
 def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler, optim: OptimConfig) -> None:

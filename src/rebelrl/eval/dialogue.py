@@ -83,6 +83,20 @@ def evaluate_dialogues(
     ``win_rate_turn_h`` for every h, ``kl_to_ref`` over all assistant tokens), the dialogues, and the
     (N, H) turn scores that serve as the baseline of later evaluations.
     """
+    dialogues, scores, logratio = _play(generator, policy_model, ref_model, tokenizer, env, starts, reward_fn, params, seed, horizon, no_eos_penalty)
+    rows = dialogue_rows(dialogues, scores, logratio)
+    return dialogue_metrics(rows, params, horizon, baseline_turn_scores), dialogues, scores
+
+
+def evaluate_dialogue_rows(generator: Generator, policy_model, ref_model, tokenizer, env, starts: list[Conversation], reward_fn: RewardFn,
+                           params: SamplingParams, seed: int, horizon: int, no_eos_penalty: float | None = None) -> list[dict]:
+    """``evaluate_dialogues``'s dialogues, one record per opening (``dialogue_rows``): for an
+    evaluation whose openings are shared among processes, gathered, then summed up by ``dialogue_metrics``."""
+    return dialogue_rows(*_play(generator, policy_model, ref_model, tokenizer, env, starts, reward_fn, params, seed, horizon, no_eos_penalty))
+
+
+def _play(generator, policy_model, ref_model, tokenizer, env, starts, reward_fn, params, seed, horizon, no_eos_penalty):
+    """The dialogues, their (N, H) turn scores and (N,) log pi - log pi_ref over all assistant tokens."""
     with seeded(seed):
         dialogues = play(generator, env, starts, [horizon] * len(starts), params).conversations
     scores = turn_scores(reward_fn, dialogues, horizon, no_eos_penalty)  # (N, H)
@@ -90,13 +104,28 @@ def evaluate_dialogues(
     # re-tokenized from text, and the KL must compare the two models on the same tokens.
     policy = dialogue_logprobs(policy_model, tokenizer, dialogues, params.logprob_temperature)
     ref = dialogue_logprobs(ref_model, tokenizer, dialogues, params.logprob_temperature)
-    turns = [sum(m.role == "assistant" for m in d.messages) for d in dialogues]
+    return dialogues, scores, policy - ref
+
+
+def dialogue_rows(dialogues: list[Conversation], scores: torch.Tensor, logratio: torch.Tensor) -> list[dict]:
+    """One record per dialogue: what ``save_dialogues`` writes (messages, turn scores, final score) and
+    what the metrics need. scores: (N, H); logratio: (N,)."""
+    return [
+        {"messages": d.to_chat(), "turn_scores": row, "score": row[-1], "logratio": ratio, "turns": sum(m.role == "assistant" for m in d.messages)}
+        for d, row, ratio in zip(dialogues, scores.tolist(), logratio.tolist())
+    ]
+
+
+def dialogue_metrics(rows: list[dict], params: SamplingParams, horizon: int, baseline_turn_scores: torch.Tensor | None = None) -> dict:
+    """Held-out metrics of ``dialogue_rows`` records, in opening order (to meet the baseline's (N, H))."""
+    scores = torch.tensor([r["turn_scores"] for r in rows], dtype=torch.float32)  # (N, H)
+    turns = [r["turns"] for r in rows]
     metrics = {
         "reward_mean": scores[:, -1].mean().item(),
-        "reward_std": scores[:, -1].std().item() if len(dialogues) > 1 else 0.0,
-        kl_key(params): (policy - ref).mean().item(),
+        "reward_std": scores[:, -1].std().item() if len(rows) > 1 else 0.0,
+        kl_key(params): torch.tensor([r["logratio"] for r in rows], dtype=torch.float32).mean().item(),
         "turns_mean": sum(turns) / len(turns),
-        "n_prompts": len(starts),
+        "n_prompts": len(rows),
     }
     for h in range(1, horizon + 1):
         metrics[f"reward_turn_{h}"] = scores[:, h - 1].mean().item()
@@ -104,13 +133,20 @@ def evaluate_dialogues(
         for h in range(1, horizon + 1):
             metrics[f"win_rate_turn_{h}"] = win_rate(scores[:, h - 1], baseline_turn_scores[:, h - 1])
         metrics["win_rate_vs_initial"] = metrics[f"win_rate_turn_{horizon}"]
-    return metrics, dialogues, scores
+    return metrics
 
 
 def save_dialogues(path: Path, dialogues: list[Conversation], scores: torch.Tensor) -> None:
     with open(path, "w") as f:
         for dialogue, row in zip(dialogues, scores.tolist()):
             f.write(json.dumps({"messages": dialogue.to_chat(), "turn_scores": row, "score": row[-1]}) + "\n")
+
+
+def save_dialogue_rows(path: Path, rows: list[dict]) -> None:
+    """``save_dialogues`` from ``dialogue_rows`` records."""
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({key: r[key] for key in ("messages", "turn_scores", "score")}) + "\n")
 
 
 def load_turn_scores(path: Path) -> torch.Tensor:

@@ -70,6 +70,19 @@ def evaluate(
     Returns:
         metrics, the rollout, and the (N,) scores (to serve as the baseline of later evaluations).
     """
+    rollout, scores, logratio = _sample(generator, ref_model, prompts, reward_fn, params, seed, no_eos_penalty, batch_size, recompute_policy_logps)
+    return eval_metrics(sample_rows(rollout, scores, logratio), params, baseline_scores), rollout, scores
+
+
+def eval_rows(generator: Generator, ref_model: torch.nn.Module, prompts: list[Conversation], reward_fn: RewardFn, params: SamplingParams,
+              seed: int, no_eos_penalty: float | None, batch_size: int = 16, recompute_policy_logps: bool = False) -> list[dict]:
+    """``evaluate``'s samples of ``prompts``, one record per prompt (``sample_rows``): for an
+    evaluation whose prompts are shared among processes, gathered, then summed up by ``eval_metrics``."""
+    return sample_rows(*_sample(generator, ref_model, prompts, reward_fn, params, seed, no_eos_penalty, batch_size, recompute_policy_logps))
+
+
+def _sample(generator, ref_model, prompts, reward_fn, params, seed, no_eos_penalty, batch_size, recompute_policy_logps):
+    """The rollout, its (N,) scores and (N,) log pi(y|x) - log pi_ref(y|x)."""
     rollout = sample_for_eval(generator, prompts, params, seed)
     scores = score_rollout(reward_fn, rollout, no_eos_penalty)
     if recompute_policy_logps:
@@ -77,17 +90,34 @@ def evaluate(
     else:
         policy_logps = rollout.sample_logps.sum(dim=1)  # (N,)
     ref_logps = rollout_logprobs(ref_model, rollout, params.logprob_temperature, batch_size).sum(dim=1)  # (N,)
+    return rollout, scores, policy_logps - ref_logps
+
+
+def sample_rows(rollout: Rollout, scores: torch.Tensor, logratio: torch.Tensor) -> list[dict]:
+    """One record per sample: what ``save_samples`` writes (prompt, completion, score, finished) and
+    what the metrics need (completion tokens, log pi - log pi_ref). scores, logratio: (N,)."""
+    return [
+        {"prompt": conv.messages[-2].content, "completion": conv.last_assistant, "score": score, "finished": done, "length": length,
+         "logratio": ratio}
+        for conv, score, done, length, ratio in zip(rollout.conversations, scores.tolist(), rollout.finished.tolist(),
+                                                    rollout.completion_lengths.tolist(), logratio.tolist())
+    ]
+
+
+def eval_metrics(rows: list[dict], params: SamplingParams, baseline_scores: torch.Tensor | None = None) -> dict[str, float]:
+    """Held-out metrics of ``sample_rows`` records (in prompt order, to meet the baseline's (N,) scores)."""
+    scores = torch.tensor([r["score"] for r in rows], dtype=torch.float32)  # float32 values: the tensor they came from
     metrics = {
         "reward_mean": scores.mean().item(),
         "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-        kl_key(params): (policy_logps - ref_logps).mean().item(),
-        "response_length": rollout.completion_lengths.float().mean().item(),
-        "frac_no_eos": (~rollout.finished).float().mean().item(),
-        "n_prompts": len(prompts),
+        kl_key(params): torch.tensor([r["logratio"] for r in rows], dtype=torch.float32).mean().item(),
+        "response_length": torch.tensor([r["length"] for r in rows]).float().mean().item(),
+        "frac_no_eos": (~torch.tensor([r["finished"] for r in rows])).float().mean().item(),
+        "n_prompts": len(rows),
     }
     if baseline_scores is not None:
         metrics["win_rate_vs_initial"] = win_rate(scores, baseline_scores)
-    return metrics, rollout, scores
+    return metrics
 
 
 def kl_key(params: SamplingParams) -> str:
@@ -101,6 +131,13 @@ def save_samples(path: Path, rollout: Rollout, scores: torch.Tensor) -> None:
         for conv, score, done in zip(rollout.conversations, scores.tolist(), rollout.finished.tolist()):
             row = {"prompt": conv.messages[-2].content, "completion": conv.last_assistant, "score": score, "finished": done}
             f.write(json.dumps(row) + "\n")
+
+
+def save_sample_rows(path: Path, rows: list[dict]) -> None:
+    """``save_samples`` from ``sample_rows`` records."""
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({key: r[key] for key in ("prompt", "completion", "score", "finished")}) + "\n")
 
 
 def load_sample_scores(path: Path) -> torch.Tensor:

@@ -24,15 +24,19 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir, iteration: int, model, tokenizer, trainer_state: dict, keep_last: int = 2, extra: dict | None = None) -> Path:
-    """``extra`` maps file names to modules saved beside the model as safetensors (a critic)."""
+def save_checkpoint(run_dir, iteration: int, model, tokenizer, trainer_state: dict, keep_last: int = 2, extra: dict | None = None,
+                    state_dict: dict | None = None) -> Path:
+    """``extra`` maps file names to modules saved beside the model as safetensors (a critic);
+    ``state_dict``, the model's full weights where ``model`` holds only a shard of them (FSDP, ZeRO-3).
+
+    One process writes; with several, the others wait at a barrier until the checkpoint is whole."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter-{iteration:06d}"
     tmp = root / f".tmp-iter-{iteration:06d}"
     for stale in root.glob(".tmp-iter-*"):  # half-written by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp / "model")
     for name, module in (extra or {}).items():
         save_model(module, str(tmp / name))  # handles tied weights, which save_file refuses

@@ -1,0 +1,269 @@
+"""Several processes, one run: two gloo processes on the loopback interface, started and stopped by
+each test, against one process doing the same work.
+
+- one REBEL update on a global batch of pairs shared between two processes moves the weights as the
+  same update in one process (and would not without gradient averaging);
+- the held-out evaluation shared between two processes gives the numbers one process gets on the
+  same prompts and seeds;
+- metrics of the processes' shares combine into the whole batch's (hand-derived numbers);
+- a two-process run killed after iteration 3 and resumed repeats the uninterrupted two-process run;
+- REFUEL trains end to end through ``rebelrl train --num_processes 2``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from rebelrl.algos import rebel
+from rebelrl.algos.run import Run
+from rebelrl.cli import main
+from rebelrl.config import ConfigError
+from rebelrl.eval.evaluate import eval_metrics, eval_rows
+from rebelrl.models import tiny_model, tiny_tokenizer
+from rebelrl.rollout import HFGenerator, SamplingParams
+from rebelrl.seeding import seeded
+from rebelrl.train.config import TrainConfig
+from rebelrl.train.distributed import ONE_PROCESS, Processes, check_shares, combine_metrics
+from rebelrl.train.optim import make_schedule
+from rebelrl.types import Conversation, PairBatch
+from tests.tiny_run import PROMPTS, REFUEL_ARGS, RULE_MODULE, TINY_ARGS, read_jsonl, setup_task, strip_timings
+
+TRAIN_PROMPTS = [Conversation.from_prompt(p) for p in PROMPTS[:8]]
+EVAL_PROMPTS = [Conversation.from_prompt(p) for p in PROMPTS[8:14]]
+SAMPLING = SamplingParams(temperature=0.7, max_new_tokens=6)
+
+
+def lowercase(conversations) -> list[float]:
+    return [sum(ch.islower() for ch in c.last_assistant) / max(len(c.last_assistant), 1) for c in conversations]
+
+
+# --- processes started by a test ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(worker, *args, timeout: float = 300) -> None:
+    """``worker(rank, port, *args)`` in two fresh processes joined over gloo on 127.0.0.1; raises if
+    either fails, and ends both if they outlive ``timeout``."""
+    context = mp.start_processes(worker, args=(_free_port(), *args), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):  # raises if a process failed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{worker.__name__} did not finish within {timeout} s")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+
+
+def _join(rank: int, port: int) -> Processes:
+    """Make this process rank ``rank`` of two (what a launcher's environment says) and start accelerate."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)  # as the one-process reference runs: the same arithmetic
+    return Processes.start()
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- one update, two processes vs one -------------------------------------------------------------------
+
+
+def _bare_run(processes: Processes, eval_prompts=()) -> Run:
+    """A ``Run`` holding what one update and one evaluation need: a tiny policy, its reference, and
+    plain SGD without clipping, so that the step is the averaged gradient itself (AdamW divides each
+    gradient entry by its own magnitude, which turns last-bit differences of entries near 0 into
+    differences of the step)."""
+    cfg = TrainConfig()
+    cfg.update.epochs, cfg.update.minibatch_size, cfg.update.micro_batch_size = 1, 8, 2  # one step on all 8 pairs
+    cfg.rebel.eta, cfg.rebel.kl_coef, cfg.optim.lr, cfg.optim.max_grad_norm = 1.0, 0.0, 1e-2, 0.0
+    tokenizer = tiny_tokenizer()
+    policy, ref = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=0)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.optim.lr)
+    wrapped, optimizer = processes.prepare(policy, optimizer)
+    return Run(
+        cfg=cfg, run_dir=Path("."), task=SimpleNamespace(eval=list(eval_prompts), env=None), reward_fn=lowercase, reward_name="lowercase",
+        tokenizer=tokenizer, policy=policy, ref=ref, generator=HFGenerator(policy, tokenizer), optimizer=optimizer,
+        scheduler=make_schedule(getattr(optimizer, "optimizer", optimizer), "constant", 10), sampling=SAMPLING, eval_sampling=SAMPLING,
+        processes=processes, wrapped_policy=wrapped if wrapped is not policy else None,
+    )
+
+
+def _one_update(processes: Processes, average: bool = True) -> dict:
+    """One REBEL step on the same 8 pairs in every process (sampled under one seed: the global batch),
+    each process training on its share of them. ``average=False`` keeps every backward local."""
+    run = _bare_run(processes)
+    with seeded(0):
+        rollout = run.generator.generate(TRAIN_PROMPTS, 2, SAMPLING)  # (16,) the same rows in every process
+    scores = torch.tensor(lowercase(rollout.conversations))
+    batch = rebel.assemble(run, rollout, scores, rebel.make_pairs(scores, 2, "best_worst"))  # (8, 2)
+    share = slice(*(processes.rank * 8 // processes.count, (processes.rank + 1) * 8 // processes.count))
+    p = batch.pairs
+    batch.pairs = PairBatch(p.index[share], p.rewards[share], p.scores[share], p.old_logps[share], p.ref_logps[share], p.lengths[share])
+    with run.learner.no_sync() if not average else nullcontext():
+        metrics = rebel.update(run, batch)
+    metrics = processes.combine(metrics, rows=2 * len(batch.pairs), tokens=int(rollout.completion_mask[batch.pairs.index].sum()))
+    return {"weights": {k: v.detach().clone() for k, v in run.policy.state_dict().items()}, "loss": metrics["loss"],
+            "grad_norm": metrics["grad_norm"]}
+
+
+def _shared_eval(processes: Processes) -> dict:
+    run = _bare_run(processes, EVAL_PROMPTS)
+    rows = run._shared_eval(lambda prompts, seed: eval_rows(run.generator, run.ref, prompts, lowercase, SAMPLING, seed, None))
+    return {"metrics": eval_metrics(rows, SAMPLING), "completions": [r["completion"] for r in rows]}
+
+
+def _update_worker(rank: int, port: int, out: str) -> None:
+    processes = _join(rank, port)
+    result = {"averaged": _one_update(processes), "local": _one_update(processes, average=False), "eval": _shared_eval(processes)}
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def test_two_processes_make_the_one_process_update_and_evaluation(tmp_path, one_thread):
+    """Two processes, four pairs each, micro-batches of two (one local accumulation, then the
+    all-reduce): the weights after the step equal one process's step on all eight pairs within 1e-6,
+    and so do the combined loss and gradient norm. Without averaging (every backward under no_sync)
+    each process steps on its own four pairs: the weights then differ from the one-process step by
+    up to ~1e-2 (lr 1e-2 times gradient entries of order 1), which shows the comparison can fail. The held-out evaluation of 6 prompts in two parts of 3 (seeds 1234
+    and 1235), one part per process, equals one process evaluating the same two parts."""
+    _spawn(_update_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    one = _one_update(ONE_PROCESS)
+
+    for result in ranks:
+        for key, expected in one["weights"].items():
+            torch.testing.assert_close(result["averaged"]["weights"][key], expected, atol=1e-6, rtol=0)
+        assert result["averaged"]["loss"] == pytest.approx(one["loss"], rel=1e-6)
+        assert result["averaged"]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-6)
+    local_gap = max((ranks[0]["local"]["weights"][k] - one["weights"][k]).abs().max().item() for k in one["weights"])
+    assert local_gap > 1e-4, f"the test cannot tell averaged gradients from local ones ({local_gap:.2g})"
+
+    run = _bare_run(ONE_PROCESS, EVAL_PROMPTS)
+    rows = [row for c in (0, 1) for row in eval_rows(run.generator, run.ref, EVAL_PROMPTS[3 * c : 3 * c + 3], lowercase, SAMPLING, 1234 + c, None)]
+    for result in ranks:
+        assert result["eval"]["completions"] == [r["completion"] for r in rows]
+        assert result["eval"]["metrics"] == pytest.approx(eval_metrics(rows, SAMPLING), rel=1e-6)
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+
+
+def test_metrics_of_the_shares_combine_into_the_whole_batchs():
+    """Process 0: scores [1, 2] (mean 1.5, sample std 0.7071), 10 completion tokens with dropped mass
+    0.1 per token, 16 completions counted, 2 s of rollout. Process 1: scores [3, 5] (mean 4, std
+    1.4142), 30 tokens at 0.4, 16 completions, 3 s. The whole batch [1, 2, 3, 5]: mean 2.75, sample
+    variance ((1.75^2 + 0.75^2 + 0.25^2 + 2.25^2) / 3 = 8.75 / 3), std 1.70783; dropped mass per
+    token (10 x 0.1 + 30 x 0.4) / 40 = 0.325; 32 completions; the slower process's 3 s; the largest
+    log pi_t gap 0.02; a mean loss over equal shares (1 + 3) / 2 = 2."""
+    shares = [
+        ({"score_mean": 1.5, "score_std": math.sqrt(0.5), "sampler_dropped_mass": 0.1, "completions": 16, "time/rollout": 2.0,
+          "logp_mismatch_max": 0.01, "loss": 1.0}, 2, 10),
+        ({"score_mean": 4.0, "score_std": math.sqrt(2.0), "sampler_dropped_mass": 0.4, "completions": 16, "time/rollout": 3.0,
+          "logp_mismatch_max": 0.02, "loss": 3.0}, 2, 30),
+    ]
+    combined = combine_metrics(shares)
+    assert combined == pytest.approx({"score_mean": 2.75, "score_std": math.sqrt(8.75 / 3), "sampler_dropped_mass": 0.325, "completions": 32,
+                                      "time/rollout": 3.0, "logp_mismatch_max": 0.02, "loss": 2.0})
+    assert combine_metrics(shares[:1]) == shares[0][0]  # one process: its own metrics, untouched
+    # shares of unequal size weigh by their completions: (3 x 1 + 1 x 5) / 4
+    assert combine_metrics([({"kl_to_ref": 1.0}, 3, 9), ({"kl_to_ref": 5.0}, 1, 3)])["kl_to_ref"] == pytest.approx(2.0)
+
+
+def test_the_prompts_of_an_iteration_must_divide_among_the_processes(tmp_path, monkeypatch, capsys):
+    cfg = TrainConfig()
+    cfg.rollout.prompts_per_iter = 10
+    with pytest.raises(ConfigError, match=r"^rollout.prompts_per_iter=10 must be a multiple of the 4 processes"):
+        check_shares(cfg, 4)
+    cfg.rollout.prompts_per_iter, cfg.update.minibatch_size, cfg.update.micro_batch_size = 8, 8, 8
+    with pytest.raises(ConfigError, match=r"^update.micro_batch_size=8: DeepSpeed .* set update.micro_batch_size=4"):
+        check_shares(cfg, 2, steps_in_backward=True)
+    # through the CLI, before any process is started
+    prompts = setup_task(tmp_path, monkeypatch)
+    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", f"run_dir={tmp_path / 'run'}", "--num_processes", "3"]) == 2
+    assert "config error: rollout.prompts_per_iter=8 must be a multiple of the 3 processes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# --- resume, and REFUEL through the launcher -----------------------------------------------------------------
+
+
+def _resume_worker(rank: int, port: int, root: str) -> None:
+    """The uninterrupted run, then a run killed after iteration 3 (both processes, as Ctrl-C would),
+    then its resume: in the same two processes."""
+    _join(rank, port)
+    sys.path.insert(0, root)
+    args = ["train", *TINY_ARGS, f"task.prompts={root}/prompts.jsonl", "iterations=4", "threads=1"]
+    assert main([*args, f"run_dir={root}/full"]) == 0
+    real = Run.end_iteration
+
+    def end_then_die(self, iteration, metrics, rollout=None):
+        real(self, iteration, metrics, rollout)
+        if iteration == 3:
+            raise KeyboardInterrupt
+
+    Run.end_iteration = end_then_die
+    assert main([*args, f"run_dir={root}/killed"]) == 130
+    Run.end_iteration = real
+    assert main([*args, f"run_dir={root}/killed", "--resume"]) == 0
+
+
+def test_a_two_process_run_resumes_to_the_uninterrupted_run(tmp_path):
+    (tmp_path / "tiny_rules.py").write_text(RULE_MODULE)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    _spawn(_resume_worker, str(tmp_path))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        assert strip_timings(read_jsonl(killed / name)) == strip_timings(read_jsonl(full / name)), name
+    assert len(read_jsonl(full / "metrics.jsonl")) == 4
+    a = load_file(full / "checkpoints" / "iter-000004" / "model" / "model.safetensors")
+    b = load_file(killed / "checkpoints" / "iter-000004" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(full / "checkpoints" / "iter-000004" / "trainer_state.pt", weights_only=True)
+    first, second = state["rng_by_process"]
+    assert not torch.equal(first["torch"], second["torch"]), "the processes drew from the same random stream"
+
+
+def test_refuel_trains_through_the_launcher_in_two_processes(tmp_path, monkeypatch):
+    setup_task(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-m", "rebelrl.cli", "train", *REFUEL_ARGS, "iterations=2", "threads=1", f"run_dir={run}", "--num_processes", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes (DistributedType.MULTI_CPU), each sampling 4 prompts an iteration with seed 0 + its rank" in result.stderr
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["branch_turn_mean"]) for m in metrics)
+    evals = read_jsonl(run / "eval.jsonl")
+    assert [e["n_prompts"] for e in evals] == [6, 6] and "win_rate_turn_3" in evals[-1]
+    initial = tiny_model(tiny_tokenizer(), seed=0).state_dict()
+    trained = load_file(run / "checkpoints" / "iter-000002" / "model" / "model.safetensors")
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)

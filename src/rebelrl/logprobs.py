@@ -70,8 +70,9 @@ def completion_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log pi(completion | prompt) under ``model``, 0 on padding.
 
-    Prompts are left-padded (B, P), completions right-padded (B, T). Columns that are padding in every
-    row are cut first, so a micro-batch costs its own longest sequence, not the rollout's. The network
+    Prompts are left-padded (B, P), completions right-padded (B, T). Every batch keeps the rollout's
+    padding: a row then goes through the same shapes whatever rows share its batch, so log pi_t
+    recomputed without gradients equals the training forward bit for bit, in bfloat16 too. The network
     runs up to its final hidden states; the output head is then applied in chunks of rows by
     ``linear_token_logprobs``, so the (B, T, V) logits never exist (models whose head is more than a
     plain linear map, e.g. with logit soft-capping, take the plain path). With ``return_hidden`` the
@@ -82,10 +83,8 @@ def completion_logprobs(
         (B, T) float32 per-token log-probs, zero where ``completion_mask`` is 0; and (B, T, H) hidden states.
     """
     original = (prompt_ids, prompt_mask, completion_ids, completion_mask)
-    T_full = completion_ids.shape[1]
-    prompt_ids, prompt_mask, completion_ids, completion_mask = _cut_padding(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P' + T')
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P' + T')
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P + T)
     T = completion_ids.shape[1]
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     head = _plain_head(model)
@@ -101,10 +100,10 @@ def completion_logprobs(
                 return completion_logprobs(model, *original, temperature, return_hidden)  # the plain path from now on
             states = final.hidden[:, -T - 1 : -1]  # (B, T, H) states s_0 .. s_{T-1}
             logps = _head_logprobs(states, head, completion_ids, completion_mask, temperature)
-    logps = torch.nn.functional.pad(logps * completion_mask.to(logps.dtype), (0, T_full - T))
+    logps = logps * completion_mask.to(logps.dtype)
     if not return_hidden:
         return logps
-    return logps, torch.nn.functional.pad(states, (0, 0, 0, T_full - T))
+    return logps, states
 
 
 # Rows of output-head logits computed at once: 2**24 float32 elements is 64 MB (341 rows of a
@@ -168,16 +167,6 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
     return _LinearTokenLogprob.apply(hidden, weight, labels, float(temperature), chunk)
-
-
-def _cut_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Drop the left prompt columns and right completion columns that are padding in every row.
-    Positions count real tokens only, so nothing a real token sees changes."""
-    real_p = prompt_mask.any(0).nonzero()
-    p0 = real_p[0].item() if len(real_p) else prompt_mask.shape[1]
-    real_c = completion_mask.any(0).nonzero()
-    t1 = real_c[-1].item() + 1 if len(real_c) else 0
-    return prompt_ids[:, p0:], prompt_mask[:, p0:], completion_ids[:, :t1], completion_mask[:, :t1]
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

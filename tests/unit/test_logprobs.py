@@ -79,7 +79,7 @@ def _plain_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_m
 
 
 def _batch(vocab: int, B: int = 4, P: int = 6, T: int = 7, seed: int = 0):
-    """Left-padded prompts and right-padded completions of mixed lengths, plus a column of padding on each side."""
+    """Left-padded prompts and right-padded completions of mixed lengths, with a column that is padding in every row on each side."""
     g = torch.Generator().manual_seed(seed)
     prompt_ids = torch.randint(3, vocab, (B, P + 1), generator=g)
     completion_ids = torch.randint(3, vocab, (B, T + 1), generator=g)
@@ -127,19 +127,20 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("family", ["chatml", "neox", "gemma"])
 def test_completion_logprobs_and_gradients_equal_the_plain_recipe(family, monkeypatch):
-    """Chunked head (tied and untied), padding cut, in several chunks: the same log-probs and the same
-    gradient on every parameter as full logits + log-softmax."""
+    """Chunked head (tied and untied), in several chunks, with padding on both sides: the same
+    log-probs and the same gradient on every parameter as full logits + log-softmax."""
     monkeypatch.setattr(logprobs_module, "CHUNK_ELEMENTS", 5 * 120)  # a few rows a chunk
     tok = families._tokenizer(family)
     model = families._model(family, tok, seed=0)
     batch = _batch(len(tok))
+    weights = torch.tensor([1.0, -0.5, 0.25, 2.0])  # (B,) so that each row's gradient counts differently
     model.zero_grad()
     plain = _plain_logprobs(model, *batch, 0.7)
-    (plain.sum(1) ** 2).sum().backward()
+    (plain.sum(1) * weights).sum().backward()
     expected = _grads(model)
     model.zero_grad()
     ours = completion_logprobs(model, *batch, 0.7)
-    (ours.sum(1) ** 2).sum().backward()
+    (ours.sum(1) * weights).sum().backward()
     assert ours.shape == plain.shape
     torch.testing.assert_close(ours, plain, atol=2e-6, rtol=0)
     got = _grads(model)

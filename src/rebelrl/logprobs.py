@@ -87,16 +87,17 @@ def completion_logprobs(
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P + T)
     T = completion_ids.shape[1]
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    head = _plain_head(model)
+    hf = _unwrap(model)  # the Hugging Face model inside any wrapper: its decoder and head are read directly
+    head = _plain_head(hf)
     with _layers_checkpointed(model):
         if head is None:
             out = model(**inputs, logits_to_keep=T + 1, output_hidden_states=return_hidden)
             logps = token_logprobs(out.logits[:, :-1], completion_ids, temperature)  # position P-1+t predicts token t
             states = out.hidden_states[-1][:, -T - 1 : -1] if return_hidden else None
         else:
-            with _final_hidden(model) as final:
+            with _final_hidden(hf) as final:
                 out = model(**inputs, logits_to_keep=1)
-            if not _check_plain_head(model, head, final.hidden[:, -1], out.logits[:, -1]):
+            if not _check_plain_head(hf, head, final.hidden[:, -1], out.logits[:, -1]):
                 return completion_logprobs(model, *original, temperature, return_hidden)  # the plain path from now on
             states = final.hidden[:, -T - 1 : -1]  # (B, T, H) states s_0 .. s_{T-1}
             logps = _head_logprobs(states, head, completion_ids, completion_mask, temperature)
@@ -185,9 +186,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 _HEAD_IS_PLAIN: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The model's output head if logits are just ``head(final hidden state)`` (or not known yet)."""
-    hf = _unwrap(model)
+def _plain_head(hf: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output head of Hugging Face model ``hf`` if logits are just ``head(final hidden state)`` (or not known yet)."""
     decoder = getattr(hf, "base_model", None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if decoder is None or decoder is hf or type(head) is not torch.nn.Linear or head.bias is not None:
@@ -195,9 +195,8 @@ def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     return None if _HEAD_IS_PLAIN.get(hf) is False else head
 
 
-def _check_plain_head(model, head, last_hidden: torch.Tensor, last_logits: torch.Tensor) -> bool:
+def _check_plain_head(hf, head, last_hidden: torch.Tensor, last_logits: torch.Tensor) -> bool:
     """Compare the head on the captured state with the model's own logits once per model."""
-    hf = _unwrap(model)
     if hf not in _HEAD_IS_PLAIN:
         with torch.no_grad():
             mine = (last_hidden @ head.weight.T).float()
@@ -207,14 +206,14 @@ def _check_plain_head(model, head, last_hidden: torch.Tensor, last_logits: torch
 
 
 @contextlib.contextmanager
-def _final_hidden(model: torch.nn.Module):
+def _final_hidden(hf: torch.nn.Module):
     """Capture the decoder's output (the final, normalised hidden states) during a forward."""
     captured = types.SimpleNamespace(hidden=None)
 
     def keep(module, args, output):
         captured.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
-    handle = _unwrap(model).base_model.register_forward_hook(keep)
+    handle = hf.base_model.register_forward_hook(keep)
     try:
         yield captured
     finally:

@@ -100,3 +100,20 @@ def die_after_logging(monkeypatch, iteration: int) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(metrics_module.JsonlLogger, "log", log_then_die)
+
+
+# Equivalence tests compare parameters after training with plain SGD and no clipping: the step is then
+# the gradient itself. AdamW divides each entry by its own magnitude, turning last-bit differences of
+# entries near 0 into differences of a whole step, and clipping would hide a wrongly scaled gradient.
+PLAIN_SGD_ARGS = ("optim.max_grad_norm=0",)
+
+
+def use_plain_sgd(monkeypatch) -> None:
+    import torch
+
+    from rebelrl.algos import run as run_module
+
+    def sgd(params, lr, weight_decay, betas):
+        return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr)
+
+    monkeypatch.setattr(run_module, "make_optimizer", sgd)

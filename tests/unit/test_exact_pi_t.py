@@ -26,13 +26,13 @@ def test_a_sampler_record_that_drifts_is_replaced_before_the_first_step(tmp_path
     be): the first-minibatch check catches it, log pi_t is recomputed for that iteration and the
     next, and the run's updates are exactly those of a run that recomputed from the start."""
     exact = _train(tmp_path, monkeypatch, "recompute", "iterations=2", "rollout.old_logprobs=recompute")
-    real_finish = hf._ExactSampler.finish
+    real_decode = hf.decode
 
-    def drifting(self, last_tokens):
-        logps, dropped = real_finish(self, last_tokens)
-        return logps + 0.01, dropped
+    def drifting(*args, **kwargs):
+        tokens, logps, dropped = real_decode(*args, **kwargs)
+        return tokens, logps + 0.01, dropped
 
-    monkeypatch.setattr(hf._ExactSampler, "finish", drifting)
+    monkeypatch.setattr(hf, "decode", drifting)
     caught = _train(tmp_path, monkeypatch, "auto", "iterations=2")
     assert "log pi_t is recomputed from now on" in capsys.readouterr().out
     a, b = read_jsonl(exact / "metrics.jsonl"), read_jsonl(caught / "metrics.jsonl")

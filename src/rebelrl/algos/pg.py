@@ -44,7 +44,6 @@ from rebelrl.losses import (
     whiten,
 )
 from rebelrl.rollout import HFGenerator
-from rebelrl.seeding import seeded
 from rebelrl.train.config import TrainConfig
 from rebelrl.types import Rollout, TokenBatch
 
@@ -276,18 +275,19 @@ def _prompt_key(conversation) -> str:
 @torch.no_grad()
 def estimate_v_star(run: Run, prompts) -> int:
     """V*(x) = beta1 * log mean_i exp(r(x, y_i) / beta1) over ``astar.ref_samples`` completions of
-    pi_ref, for each prompt not seen before; returns how many completions that took. Each prompt's
-    samples are drawn under a seed of its own, so the estimate is the same whenever it is made (a
-    resumed run repeats the uninterrupted one)."""
+    pi_ref, for each prompt not seen before; returns how many completions that took. The prompts are
+    sampled together, each from a random stream seeded by the prompt itself, so a prompt's estimate
+    does not depend on when it is made (a resumed run repeats the uninterrupted one)."""
     cfg = run.cfg.astar
     todo = [p for p in prompts if _prompt_key(p) not in run.astar_values]
+    if not todo:
+        return 0
+    keys = [_prompt_key(p) for p in todo]
     generator = HFGenerator(run.ref, run.tokenizer, run.cfg.rollout.batch_size)
-    for prompt in todo:
-        key = _prompt_key(prompt)
-        with seeded(run.cfg.seed * 1_000_003 + int(key, 16) % 2**31):
-            rollout = generator.generate([prompt], cfg.ref_samples, run.sampling)
-        scores = run.score(rollout)
-        run.astar_values[key] = astar_values(scores.view(1, -1).double(), cfg.beta1).item()
+    seeds = [run.cfg.seed * 1_000_003 + int(key, 16) % 2**31 for key in keys]
+    rollout = generator.generate(todo, cfg.ref_samples, run.sampling, seeds=seeds)
+    values = astar_values(run.score(rollout).view(len(todo), cfg.ref_samples).double(), cfg.beta1)  # (len(todo),)
+    run.astar_values.update(zip(keys, values.tolist()))
     return len(todo) * cfg.ref_samples
 
 

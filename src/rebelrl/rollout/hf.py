@@ -1,17 +1,17 @@
-"""Generation with Hugging Face ``generate`` (CPU or one GPU), with the distribution fully specified.
+"""Generation from a Hugging Face causal LM (CPU or one GPU), with the distribution fully specified.
 
-Everything that shapes the sampling distribution comes from ``SamplingParams`` and is applied by
-``_ExactSampler``; ``generate`` itself runs with all of its own warpers at their neutral values and
-with the checkpoint's ``generation_config`` hidden, so that a model's shipped defaults (a temperature,
-top-p, a repetition penalty, Transformers' global top-k of 50) never reach training or evaluation.
+``decode`` runs the model with its KV cache under a loop of its own rather than ``generate``:
+everything that shapes the sampling distribution comes from ``SamplingParams`` and is applied by
+``_Distribution``, so a checkpoint's shipped defaults (a temperature, top-p, a repetition penalty,
+Transformers' global top-k of 50) never reach training or evaluation; each prompt is prefilled once
+for its ``n`` samples; finished rows leave the batch; and a token is drawn with one random number a
+row. Under greedy decoding it produces ``generate``'s tokens (tested).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
     MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
@@ -19,6 +19,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from rebelrl.logprobs import position_ids_from_mask
 from rebelrl.models import model_device
 from rebelrl.rollout.base import SamplingParams
 from rebelrl.rollout.chat import render_prompt, stop_token_ids
@@ -61,87 +62,138 @@ def truncate_at_eos(completion_ids: torch.Tensor, eos: list[int], pad_id: int):
 
 
 
-class _ExactSampler(LogitsProcessor):
-    """The whole sampling distribution, in one processor and a fixed order; records log pi_t on the way.
+class _Distribution:
+    """The whole sampling distribution of one decoding step, in a fixed order.
 
-    It sees the raw logits of step t and, in ``input_ids``, the token chosen at step t-1. It keeps the
-    previous step's ``log_softmax(logits / T)``, the distribution training regresses on, and gathers
-    the chosen token from it; then it returns the logits the token is drawn from: repetition penalty
-    and min-new-tokens, then temperature, top-k and top-p (Transformers' own processors, in the order
+    From the raw logits of a step it computes ``log_softmax(logits / T)``, the distribution training
+    regresses on (log pi_t), and the scores the token is drawn from: repetition penalty and
+    min-new-tokens, then temperature, top-k and top-p (Transformers' own processors, in the order
     ``generate`` applies them). Where truncation removes tokens, pi_t is no longer the distribution
-    sampled: the probability mass it removed is recorded per step.
+    sampled: the probability mass it removed is returned too.
     """
 
     def __init__(self, params: SamplingParams, prompt_length: int, stop_ids: list[int], pad_lengths: torch.Tensor):
         self.temperature = params.logprob_temperature
         self.sample = params.temperature > 0
-        self.before: list[LogitsProcessor] = []  # applied to the logits before the temperature
-        if params.repetition_penalty != 1.0:
-            self.before.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty, prompt_ignore_length=pad_lengths))
+        self.penalty = params.repetition_penalty
+        self.pad_lengths = pad_lengths  # (N,) left padding of each row, which the penalty ignores
         self.masks_stops = params.min_new_tokens > 0
-        if self.masks_stops:
-            self.before.append(MinNewTokensLengthLogitsProcessor(prompt_length, params.min_new_tokens, stop_ids, device=pad_lengths.device))
+        self.min_new = MinNewTokensLengthLogitsProcessor(prompt_length, params.min_new_tokens, stop_ids, device=pad_lengths.device) if self.masks_stops else None
         self.truncate: list[LogitsProcessor] = []
         if self.sample and params.top_k > 0:
             self.truncate.append(TopKLogitsWarper(params.top_k))
         if self.sample and params.top_p < 1.0:
             self.truncate.append(TopPLogitsWarper(params.top_p))
-        self.prev: torch.Tensor | None = None  # (N, V) log pi_t at the last step
-        self.picked: list[torch.Tensor] = []  # T entries of (N,)
-        self.dropped: list[torch.Tensor] = []  # T entries of (N,)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prev is not None:
-            self.picked.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        for processor in self.before:
-            scores = processor(input_ids, scores)
+    def __call__(self, context: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor):
+        """``context`` (n, P+t) prompt and tokens so far and ``logits`` (n, V) of the rows ``rows`` (n,)
+        still decoding -> log pi_t (n, V), scores to draw from (n, V), mass removed (n,) or None."""
+        logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+        scores = logits
+        if self.penalty != 1.0:
+            scores = RepetitionPenaltyLogitsProcessor(self.penalty, prompt_ignore_length=self.pad_lengths[rows])(context, scores)
+        if self.min_new is not None:
+            scores = self.min_new(context, scores)
         if self.sample:
             scores = scores / self.temperature
             for processor in self.truncate:
-                scores = processor(input_ids, scores)
+                scores = processor(context, scores)
+        dropped = None
         if self.truncate or self.masks_stops:
-            removed = torch.isneginf(scores) & ~torch.isneginf(self.prev)
-            self.dropped.append((self.prev.exp() * removed).sum(dim=-1))
-        return scores
-
-    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, T) log pi_t of every generated token, and (N, T) mass removed before drawing it."""
-        if self.prev is not None:
-            self.picked.append(self.prev.gather(1, last_tokens[:, None]).squeeze(1))
-        logps = torch.stack(self.picked, dim=1)
-        dropped = torch.stack(self.dropped, dim=1) if self.dropped else torch.zeros_like(logps)
-        return logps, dropped
+            removed = torch.isneginf(scores) & ~torch.isneginf(logp)
+            dropped = (logp.exp() * removed).sum(dim=-1)
+        return logp, scores, dropped
 
 
-def generation_config(params: SamplingParams, n: int, stop_ids: list[int], pad_id: int) -> GenerationConfig:
-    """``generate``'s own settings: every field that shapes the distribution at its neutral value (the
-    distribution is ``_ExactSampler``'s alone), plus sampling or greedy, budget, stops and padding."""
-    return GenerationConfig(
-        do_sample=params.temperature > 0,
-        temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None,
-        min_length=0, min_new_tokens=None, suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None,
-        forced_bos_token_id=None, forced_eos_token_id=None, renormalize_logits=False, guidance_scale=None,
-        num_beams=1, max_new_tokens=params.max_new_tokens, num_return_sequences=n,
-        eos_token_id=stop_ids, pad_token_id=pad_id,
-    )
+def draw(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token a row from ``softmax(scores)`` by inversion: the token whose interval of the
+    cumulative distribution holds ``uniforms`` (n,) in [0, 1). A token of probability 0 has an empty
+    interval and is never drawn. Exact up to float64 rounding, and one random number a row where
+    ``torch.multinomial`` spends one a vocabulary entry. (n, V) -> (n,)"""
+    cdf = torch.softmax(scores.float(), dim=-1).double().cumsum(dim=-1)  # (n, V)
+    total = cdf[:, -1:]
+    x = torch.minimum(uniforms[:, None].double() * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(1)
 
 
-@contextmanager
-def _checkpoint_defaults_hidden(model):
-    """``generate`` fills every field a config leaves unset from ``model.generation_config``: hide it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved = base.generation_config
-    base.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        base.generation_config = saved
+class _Uniforms:
+    """The random numbers a decoding step draws with: one a row, from torch's generator of the
+    device, or from a generator of each prompt's own (``seeds``) shared by that prompt's ``n`` rows.
+    Every row draws at every step, finished or not, so a row's draws do not depend on when the rows
+    beside it stop."""
+
+    def __init__(self, n: int, rows: int, device, seeds: list[int] | None):
+        self.n, self.rows, self.device = n, rows, device
+        self.generators = None
+        if seeds is not None:
+            self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self) -> torch.Tensor:
+        if self.generators is None:
+            return torch.rand(self.rows, dtype=torch.float64, device=self.device)
+        return torch.cat([torch.rand(self.n, dtype=torch.float64, device=self.device, generator=g) for g in self.generators])
+
+
+@torch.no_grad()
+def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, params: SamplingParams,
+           stop_ids: list[int], pad_id: int, seeds: list[int] | None = None):
+    """Sample ``n`` completions of each left-padded prompt (B, P) with a KV cache.
+
+    Each prompt is run through the network once and its cache repeated for its ``n`` rows; a row
+    leaves the batch as soon as it ends, so the cost follows the tokens actually generated rather
+    than the longest reply. Under greedy decoding the tokens are ``generate``'s.
+
+    Returns:
+        raw ids (N, T) prompt-major with ``pad_id`` after a row's stop token, log pi_t of each (N, T),
+        mass removed before drawing each (N, T); N = B * n, T the steps taken.
+    """
+    B, P = prompt_ids.shape
+    N, device = B * n, prompt_ids.device
+    pad_lengths = (prompt_mask == 0).sum(dim=1).repeat_interleave(n)  # (N,)
+    dist = _Distribution(params, P, stop_ids, pad_lengths)
+    uniforms = _Uniforms(n, N, device, seeds)
+    stops = torch.tensor(stop_ids, device=device)
+    positions = position_ids_from_mask(prompt_mask)  # (B, P)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+    context = prompt_ids.repeat_interleave(n, dim=0)  # (n_active, P + t) for the penalties
+    mask = prompt_mask.repeat_interleave(n, dim=0)
+    last_position = positions[:, -1:].repeat_interleave(n, dim=0)  # (n_active, 1)
+    rows = torch.arange(N, device=device)  # the rows still decoding
+    tokens = torch.full((N, params.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(N, params.max_new_tokens, device=device)
+    dropped = torch.zeros(N, params.max_new_tokens, device=device)
+    steps = 0
+    for t in range(params.max_new_tokens):
+        logp, scores, removed = dist(context, logits, rows)
+        u = uniforms()[rows]
+        token = draw(scores, u) if dist.sample else scores.argmax(dim=-1)  # (n_active,)
+        tokens[rows, t] = token
+        logps[rows, t] = logp.gather(1, token[:, None]).squeeze(1)
+        if removed is not None:
+            dropped[rows, t] = removed
+        steps = t + 1
+        going = ~torch.isin(token, stops)
+        if t + 1 == params.max_new_tokens or not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, token, context, mask, last_position = rows[keep], token[keep], context[keep], mask[keep], last_position[keep]
+        context = torch.cat([context, token[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        last_position = last_position + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last_position, past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    return tokens[:, :steps], logps[:, :steps], dropped[:, :steps]
 
 
 class HFGenerator:
-    """``Generator`` backed by ``model.generate``; prompts are processed ``batch_size`` at a time."""
+    """``Generator`` backed by a Hugging Face causal LM and its KV cache; prompts are processed
+    ``batch_size`` at a time."""
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, batch_size: int = 16):
         self.model = model
@@ -150,8 +202,13 @@ class HFGenerator:
         self.stop_ids = stop_token_ids(tokenizer, model)
 
     @torch.no_grad()
-    def generate(self, prompts: list[Conversation], n: int, params: SamplingParams) -> Rollout:
-        parts = [self._generate_batch(prompts[i : i + self.batch_size], n, params) for i in range(0, len(prompts), self.batch_size)]
+    def generate(self, prompts: list[Conversation], n: int, params: SamplingParams, seeds: list[int] | None = None) -> Rollout:
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds: one a prompt, got {len(seeds)} for {len(prompts)} prompts")
+        parts = [
+            self._generate_batch(prompts[i : i + self.batch_size], n, params, None if seeds is None else seeds[i : i + self.batch_size])
+            for i in range(0, len(prompts), self.batch_size)
+        ]
         pad = self.tokenizer.pad_token_id
         return Rollout(
             conversations=[c for part in parts for c in part["conversations"]],
@@ -165,26 +222,15 @@ class HFGenerator:
             dropped_mass=_cat_padded([p["dropped_mass"] for p in parts], 0.0, left=False),
         )
 
-    def _generate_batch(self, prompts: list[Conversation], n: int, params: SamplingParams) -> dict:
+    def _generate_batch(self, prompts: list[Conversation], n: int, params: SamplingParams, seeds: list[int] | None) -> dict:
         device = model_device(self.model)
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, device)  # (B, P)
-        P = prompt_ids.shape[1]
-        pad_lengths = (prompt_mask == 0).sum(dim=1).repeat_interleave(n)  # (N,) left padding of each row
-        sampler = _ExactSampler(params, P, self.stop_ids, pad_lengths)
         was_training = self.model.training
         self.model.eval()
         try:
-            with _checkpoint_defaults_hidden(self.model):
-                out = self.model.generate(
-                    input_ids=prompt_ids,
-                    attention_mask=prompt_mask,
-                    generation_config=generation_config(params, n, self.stop_ids, self.tokenizer.pad_token_id),
-                    logits_processor=LogitsProcessorList([sampler]),
-                )
+            raw, sample_logps, dropped = decode(self.model, prompt_ids, prompt_mask, n, params, self.stop_ids, self.tokenizer.pad_token_id, seeds)
         finally:
             self.model.train(was_training)
-        raw = out[:, P:]  # (N, T) prompt-major: HF repeats each prompt n times in a row
-        sample_logps, dropped = sampler.finish(raw[:, -1])  # (N, T)
         completion_ids, completion_mask, finished = truncate_at_eos(raw, self.stop_ids, self.tokenizer.pad_token_id)
         T = completion_ids.shape[1]
         sample_logps = sample_logps[:, :T] * completion_mask

@@ -70,9 +70,12 @@ def completion_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log pi(completion | prompt) under ``model``, 0 on padding.
 
-    Prompts are left-padded (B, P), completions right-padded (B, T). Every batch keeps the rollout's
-    padding: a row then goes through the same shapes whatever rows share its batch, so log pi_t
-    recomputed without gradients equals the training forward bit for bit, in bfloat16 too. The network
+    Prompts are left-padded (B, P), completions right-padded (B, T). In float32 the padding columns
+    that no row of this batch uses are cut first, so a batch costs its own longest row; a row's
+    log-probs then move by float32 rounding (about 1e-7) with the rows beside it, far inside
+    ``rollout.logprob_tolerance``. In lower precisions a batch keeps the rollout's padding: a row goes
+    through the same shapes whatever rows share its batch, so log pi_t recomputed without gradients
+    equals the training forward bit for bit, in bfloat16 too (a cut there moves it by 3e-3). The network
     runs up to its final hidden states; the output head is then applied in chunks of rows by
     ``linear_token_logprobs``, so the (B, T, V) logits never exist (models whose head is more than a
     plain linear map, e.g. with logit soft-capping, take the plain path). With ``return_hidden`` the
@@ -82,12 +85,19 @@ def completion_logprobs(
     Returns:
         (B, T) float32 per-token log-probs, zero where ``completion_mask`` is 0; and (B, T, H) hidden states.
     """
+    hf = _unwrap(model)  # the Hugging Face model inside any wrapper: its decoder and head are read directly
+    T = completion_ids.shape[1]
+    first, end = _used_columns(prompt_mask, completion_mask)
+    if (first > 0 or end < T) and hf.get_input_embeddings().weight.dtype == torch.float32:
+        cut = completion_logprobs(model, prompt_ids[:, first:], prompt_mask[:, first:], completion_ids[:, :end], completion_mask[:, :end],
+                                  temperature, return_hidden)
+        if not return_hidden:
+            return torch.nn.functional.pad(cut, (0, T - end))
+        return torch.nn.functional.pad(cut[0], (0, T - end)), torch.nn.functional.pad(cut[1], (0, 0, 0, T - end))
     original = (prompt_ids, prompt_mask, completion_ids, completion_mask)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P + T)
-    T = completion_ids.shape[1]
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    hf = _unwrap(model)  # the Hugging Face model inside any wrapper: its decoder and head are read directly
     head = _plain_head(hf)
     with _layers_checkpointed(model):
         if head is None:
@@ -105,6 +115,16 @@ def completion_logprobs(
     if not return_hidden:
         return logps
     return logps, states
+
+
+def _used_columns(prompt_mask: torch.Tensor, completion_mask: torch.Tensor) -> tuple[int, int]:
+    """The first prompt column and the end of the completion columns that some row uses; at least one
+    completion column is kept."""
+    used_prompt = prompt_mask.any(dim=0).nonzero()
+    used_completion = completion_mask.any(dim=0).nonzero()
+    first = int(used_prompt[0]) if len(used_prompt) else 0
+    end = int(used_completion[-1]) + 1 if len(used_completion) else 1
+    return first, end
 
 
 # Rows of output-head logits computed at once: 2**24 float32 elements is 64 MB (341 rows of a
@@ -247,19 +267,30 @@ def _head_logprobs(states, head, completion_ids, completion_mask, temperature) -
     return torch.zeros(completion_ids.shape, dtype=torch.float32, device=states.device).masked_scatter(real, picked)
 
 
+def by_length(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``rows`` reordered shortest first by ``lengths[rows]`` (stable), so that micro-batches cut from a
+    minibatch group rows of similar length and each costs its own longest row. The minibatch's
+    gradient is the same sum in any order."""
+    return rows[lengths[rows].argsort(stable=True)]
+
+
+def row_lengths(rollout) -> torch.Tensor:
+    """(N,) prompt plus completion tokens of each row of ``rollout``."""
+    return rollout.prompt_mask.sum(dim=1) + rollout.completion_mask.sum(dim=1)
+
+
 @torch.no_grad()
 def rollout_logprobs(model, rollout, temperature: float, batch_size: int = 16) -> torch.Tensor:
-    """Per-token log-probs of every completion in ``rollout`` under ``model``, in micro-batches.
+    """Per-token log-probs of every completion in ``rollout`` under ``model``, in micro-batches of
+    rows of similar length.
 
     Returns:
         (N, T) float32, zero on padding.
     """
-    out = []
-    for i in range(0, len(rollout), batch_size):
-        s = slice(i, i + batch_size)
-        out.append(
-            completion_logprobs(
-                model, rollout.prompt_ids[s], rollout.prompt_mask[s], rollout.completion_ids[s], rollout.completion_mask[s], temperature
-            )
+    order = row_lengths(rollout).argsort(stable=True)
+    out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
+    for rows in order.split(batch_size):
+        out[rows] = completion_logprobs(
+            model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], rollout.completion_mask[rows], temperature
         )
-    return torch.cat(out)
+    return out

@@ -148,7 +148,7 @@ def _update_worker(rank: int, port: int, out: str) -> None:
 def test_two_processes_make_the_one_process_update_and_evaluation(tmp_path, one_thread):
     """Two processes, four pairs each, micro-batches of two (one local accumulation, then the
     all-reduce): the weights after the step equal one process's step on all eight pairs within 1e-6,
-    and so do the combined loss and gradient norm. Without averaging (every backward under no_sync)
+    and so do the combined loss and gradient norm (within 2e-5). Without averaging (every backward under no_sync)
     each process steps on its own four pairs: the weights then differ from the one-process step by
     up to ~1e-2 (lr 1e-2 times gradient entries of order 1), which shows the comparison can fail. The held-out evaluation of 6 prompts in two parts of 3 (seeds 1234
     and 1235), one part per process, equals one process evaluating the same two parts."""
@@ -159,8 +159,10 @@ def test_two_processes_make_the_one_process_update_and_evaluation(tmp_path, one_
     for result in ranks:
         for key, expected in one["weights"].items():
             torch.testing.assert_close(result["averaged"]["weights"][key], expected, atol=1e-6, rtol=0)
-        assert result["averaged"]["loss"] == pytest.approx(one["loss"], rel=1e-6)
-        assert result["averaged"]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-6)
+        # Each process's micro-batches cut their own padding, so log-probs move by float32 rounding
+        # (~1e-7) and the squared regression error by a few parts in a million.
+        assert result["averaged"]["loss"] == pytest.approx(one["loss"], rel=2e-5)
+        assert result["averaged"]["grad_norm"] == pytest.approx(one["grad_norm"], rel=2e-5)
     local_gap = max((ranks[0]["local"]["weights"][k] - one["weights"][k]).abs().max().item() for k in one["weights"])
     assert local_gap > 1e-4, f"the test cannot tell averaged gradients from local ones ({local_gap:.2g})"
 

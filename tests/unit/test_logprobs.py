@@ -203,3 +203,47 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_gradients():
     assert not any(m.training for m in model.modules())
     for name, grad in _grads(model).items():
         torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _padded(ids, mask, left: int, right: int, pad: int = 0):
+    """Extra padding columns: ``left`` before the prompts or ``right`` after the completions."""
+    pad_ids = torch.nn.functional.pad(ids, (left, right), value=pad)
+    return pad_ids, torch.nn.functional.pad(mask, (left, right), value=0)
+
+
+def test_float32_batches_cost_their_own_longest_row(model, tokenizer, monkeypatch):
+    """Padding columns no row uses are cut before the forward (the network sees 9 prompt + 4
+    completion columns, not 14 + 10); values and gradients equal the uncut computation."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [Conversation.from_prompt("hello"), Conversation.from_prompt("hi")])
+    completion_ids = torch.randint(5, 60, (2, 4))
+    completion_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    wide_p, wide_pm = _padded(prompt_ids, prompt_mask, 5, 0)
+    wide_c, wide_cm = _padded(completion_ids, completion_mask, 0, 6)
+    seen = []
+    real_forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, **kw: seen.append(kw["input_ids"].shape[1]) or real_forward(self, **kw))
+
+    def value_and_grads(*batch):
+        model.zero_grad()
+        out = completion_logprobs(model, *batch, temperature=0.7)
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    narrow, narrow_grads = value_and_grads(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    wide, wide_grads = value_and_grads(wide_p, wide_pm, wide_c, wide_cm)
+    assert seen == [prompt_ids.shape[1] + 4] * 2
+    assert wide.shape == (2, 10) and (wide[:, 4:] == 0).all()
+    torch.testing.assert_close(wide[:, :4], narrow, atol=1e-6, rtol=0)
+    for a, b in zip(wide_grads, narrow_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_rollout_logprobs_keep_the_rollouts_row_order(model, tokenizer):
+    """Rows are computed in batches of similar length and come back where they were."""
+    prompts = [Conversation.from_prompt(t) for t in ["a much longer prompt than the others", "hi", "mid size one", "x"]]
+    rollout = HFGenerator(model, tokenizer).generate(prompts, 2, SamplingParams(1.0, max_new_tokens=6))
+    together = logprobs_module.rollout_logprobs(model, rollout, 1.0, batch_size=3)
+    for row in range(len(rollout)):
+        s = slice(row, row + 1)
+        alone = completion_logprobs(model, rollout.prompt_ids[s], rollout.prompt_mask[s], rollout.completion_ids[s], rollout.completion_mask[s])
+        torch.testing.assert_close(together[s], alone.detach(), atol=1e-6, rtol=0)

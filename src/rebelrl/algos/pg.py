@@ -27,7 +27,7 @@ from functools import partial
 import torch
 
 from rebelrl.algos.run import Run, sample_metrics
-from rebelrl.logprobs import completion_logprobs, rollout_logprobs
+from rebelrl.logprobs import by_length, completion_logprobs, rollout_logprobs, row_lengths
 from rebelrl.losses import (
     astar_po_loss,
     astar_values,
@@ -227,10 +227,11 @@ def update(run: Run, collected: Collected, method: Method) -> dict[str, float]:
     temperature = run.sampling.logprob_temperature
     minibatch_size = cfg.minibatch_size // run.processes.count  # this process's share of each minibatch
     losses, grad_norms, fit, mismatch = [], [], [], None
+    lengths = row_lengths(rollout)
     for _ in range(cfg.epochs):
         order = torch.randperm(len(rollout))
         for start in range(0, len(rollout), minibatch_size):
-            minibatch = order[start : start + minibatch_size]
+            minibatch = by_length(order[start : start + minibatch_size], lengths)
             units = mask[minibatch].sum().item() if method.per_token else len(minibatch)
             run.optimizer.zero_grad(set_to_none=True)
             total = 0.0

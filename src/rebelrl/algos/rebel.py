@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rebelrl.logprobs import completion_logprobs, rollout_logprobs
+from rebelrl.logprobs import by_length, completion_logprobs, rollout_logprobs, row_lengths
 from rebelrl.losses import chipo_loss, dpo_loss, ipo_loss, rebel_loss
 from rebelrl.train.config import TrainConfig
 from rebelrl.algos.run import Run, sample_metrics
@@ -155,10 +155,11 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
     temperature = run.sampling.logprob_temperature
     minibatch_size = cfg.minibatch_size // run.processes.count  # this process's share of each minibatch
     losses, grad_norms, fit, mismatch = [], [], [], None
+    pair_lengths = row_lengths(rollout)[pairs.index].max(dim=1).values  # (n_pairs,)
     for _ in range(cfg.epochs):
         order = torch.randperm(len(pairs))
         for start in range(0, len(pairs), minibatch_size):
-            minibatch = order[start : start + minibatch_size]
+            minibatch = by_length(order[start : start + minibatch_size], pair_lengths)
             run.optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for m0 in range(0, len(minibatch), cfg.micro_batch_size):

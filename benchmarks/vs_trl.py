@@ -9,8 +9,10 @@ reward (rebelrl's, with its no-EOS penalty of -1), a KL coefficient of 0.05 (so 
 reference model), one AdamW step an iteration (lr 1e-6, constant, clip 1.0) on all 32 replies in one
 forward/backward (rebelrl: one micro-batch of 16 pairs; TRL: per-device batch 32, num_generations 2,
 no gradient accumulation), no gradient checkpointing (TRL's default turns it on), no mixed precision.
+``rebelrl-lean`` is rebelrl in its lean mode: the same run with ``model.activation_checkpointing=true``
+(its update floor below still counts 3 forwards; checkpointing spends a fourth on purpose).
 
-    python benchmarks/vs_trl.py                    # rebelrl, trl-grpo, trl-rloo alternating; 3 repeats x 6 iterations
+    python benchmarks/vs_trl.py                    # rebelrl, rebelrl-lean, trl-grpo, trl-rloo alternating; 3 repeats x 6 iterations
     python benchmarks/vs_trl.py --full-length      # every reply forced to 48 tokens: identical token counts
     python benchmarks/vs_trl.py --methods rebelrl  # without TRL
     python benchmarks/vs_trl.py --iterations 2 --prompts 2 --max-new-tokens 8 --repeats 1   # smoke test
@@ -50,7 +52,7 @@ products, N_head = V x d, L layers, d_attn = heads x head_dim, d_kv = kv_heads x
 
     forward(n tokens, logits at c) = 2 N_body n + 2 L d_attn n (n + 1) + 2 N_head c   FLOPs
         (matrix products of the layers, causal attention QK^T and AV, the output head)
-    rollout  prefill: max(sum_i forward(P_i, 1) / R, W / B); then each decode step s:
+    rollout  prefill: max(sum over distinct prompts of forward(P, 1) / R, W / B); then each decode step s:
              max(sum over replies still going of (2 N_body + 4 L d_attn (P_i + s) + 2 N_head) / R,
                  (W + KV cache bytes of those replies) / B), W = every weight's bytes read once
     logprobs one reference forward: sum_i forward(P_i + C_i, C_i) / R (old log-probs are not needed
@@ -79,7 +81,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-METHODS = ("rebelrl", "trl-grpo", "trl-rloo")
+METHODS = ("rebelrl", "rebelrl-lean", "trl-grpo", "trl-rloo")
 PHASES = ("rollout", "score", "logprobs", "update")
 TRL_TESTED = "1.16"  # the release whose private methods the phase timers wrap
 TRL_HOOKS = ("_generate", "_calculate_rewards", "_get_per_token_logps_and_entropies")
@@ -90,10 +92,11 @@ COPY_BYTES = 512 * 2**20
 # --- the shared workload ---------------------------------------------------------------------
 
 
-def rebel_overrides(args, run_dir: str, seed: int) -> list[str]:
-    """rebelrl's config for the workload, as ``rebelrl train`` overrides."""
+def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False) -> list[str]:
+    """rebelrl's config for the workload, as ``rebelrl train`` overrides; ``lean``: the lean mode
+    (activation checkpointing, the same micro-batch of 16 pairs)."""
     p, budget = args.prompts, args.max_new_tokens
-    return [
+    return [*(["model.activation_checkpointing=true"] if lean else []),
         "algo=rebel", f"run_dir={run_dir}", f"iterations={args.iterations}", f"seed={seed}", f"threads={args.threads}",
         f"model.name={args.model}", "model.dtype=float32",
         # Two held-out prompts: the initial and final evaluations rebelrl always runs stay small
@@ -110,11 +113,11 @@ def rebel_overrides(args, run_dir: str, seed: int) -> list[str]:
     ]
 
 
-def train_config(args, run_dir: str, seed: int):
+def train_config(args, run_dir: str, seed: int, lean: bool = False):
     from rebelrl.config import load_config
     from rebelrl.train.config import TrainConfig
 
-    return load_config(TrainConfig, None, rebel_overrides(args, run_dir, seed))
+    return load_config(TrainConfig, None, rebel_overrides(args, run_dir, seed, lean))
 
 
 def iteration_prompts(cfg) -> list[list]:
@@ -185,13 +188,13 @@ def versions() -> dict:
 # --- the measured children -----------------------------------------------------------------------
 
 
-def child_rebelrl(args, seed: int, workdir: Path) -> dict:
+def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False) -> dict:
     """One REBEL run through rebelrl's own training loop; phases from its metrics.jsonl. The token
     counts come from an observer around ``collect`` (it returns the batch unchanged)."""
     from rebelrl.algos import rebel
 
     run_dir = workdir / f"rebelrl-{seed}"
-    cfg = train_config(args, str(run_dir), seed)
+    cfg = train_config(args, str(run_dir), seed, lean)
     rollouts = []
     collect = rebel.collect
 
@@ -375,8 +378,8 @@ def run_child(args) -> None:
     seed = args.seed + args.repeat
     if args.child == "floor":
         result = child_floor(args)
-    elif args.child == "rebelrl":
-        result = child_rebelrl(args, seed, workdir)
+    elif args.child in ("rebelrl", "rebelrl-lean"):
+        result = child_rebelrl(args, seed, workdir, lean=args.child == "rebelrl-lean")
     else:
         result = child_trl(args.child, args, seed, workdir)
     Path(args.child_out).write_text(json.dumps({**result, "versions": versions()}))
@@ -431,8 +434,9 @@ def forward_flops(d: dict, n: int, c: int) -> float:
 
 
 def rollout_floor(d: dict, rate: float, bandwidth: float, prompts: list[int], replies: list[int]) -> float:
-    """Seconds the prefill and decode of one generate call need at best (see the docstring)."""
-    seconds = max(sum(forward_flops(d, p, 1) for p in prompts) / rate, d["weight_bytes"] / bandwidth)
+    """Seconds the prefill and decode of one generate call need at best (see the docstring). Rows
+    come in pairs of one prompt, which needs one prefill."""
+    seconds = max(sum(forward_flops(d, p, 1) for p in prompts[::2]) / rate, d["weight_bytes"] / bandwidth)
     kv_per_token = 2 * d["layers"] * d["d_kv"] * d["element_bytes"]
     for s in range(1, max(replies)):
         going = [p for p, c in zip(prompts, replies) if c > s]

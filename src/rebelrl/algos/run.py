@@ -39,6 +39,7 @@ from rebelrl.eval.dialogue import (
     save_dialogues,
 )
 from rebelrl.eval.evaluate import eval_metrics, eval_rows, save_sample_rows
+from rebelrl.fused import fuse_gated_mlps
 from rebelrl.logprobs import rollout_logprobs
 from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer
 from rebelrl.rewards import RewardFn, checked_reward
@@ -540,6 +541,7 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
     if m.activation_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (LoRA freezes the embeddings).
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    fuse_gated_mlps(policy)  # Llama-style MLPs keep half their activations for the backward pass
     # Dropout stays off while training too: the policy that is regressed must be the one that sampled.
     policy.eval()
     ref.eval()

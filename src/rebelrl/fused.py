@@ -52,10 +52,11 @@ class _SwiGLUDown(torch.autograd.Function):
 
 
 def swiglu_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Linear) -> torch.Tensor:
-    """``down(silu(gate) * up)``; under autograd it keeps gate and up only. A DeepSpeed ZeRO-3
-    weight (partitioned, gathered by ``down``'s own hooks) takes the plain path."""
-    zero3 = hasattr(down.weight, "ds_id")
-    if torch.is_grad_enabled() and not zero3 and (gate.requires_grad or up.requires_grad or down.weight.requires_grad):
+    """``down(silu(gate) * up)``; under autograd it keeps gate and up only. A weight that is not all
+    there outside ``down``'s own forward (DeepSpeed ZeRO-3 or FSDP sharding gathers it in ``down``'s
+    hooks) takes the plain path."""
+    whole = down.weight.shape == (down.out_features, down.in_features) and not hasattr(down.weight, "ds_id")
+    if torch.is_grad_enabled() and whole and (gate.requires_grad or up.requires_grad or down.weight.requires_grad):
         return _SwiGLUDown.apply(gate, up, down.weight, down.bias)
     return down(F.silu(gate) * up)
 

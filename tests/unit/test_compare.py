@@ -68,6 +68,7 @@ def test_compare_end_to_end_resuming_after_a_kill(tmp_path, monkeypatch):
 
     assert main(["compare", str(path), "--quick"]) == 0
     assert (first / "eval.jsonl").stat().st_mtime == finished_at  # the finished run was read back, not retrained
+    assert not any((tmp_path / "cmp" / "tiny").glob("*/checkpoints"))  # finished runs keep no weights unless asked
     root = tmp_path / "cmp"
     ledger = read_jsonl(root / "runs.jsonl")
     assert [(r["method"], r["completions"]) for r in ledger] == [("REBEL", 32), ("GRPO", 32)]

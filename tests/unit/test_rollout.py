@@ -135,3 +135,11 @@ def test_a_prompts_own_seed_gives_it_the_same_samples_whatever_is_beside_it(mode
     assert other.completion_ids.tolist() != alone.completion_ids.tolist()
     with pytest.raises(ValueError, match="seeds"):
         gen.generate([Conversation.from_prompt("abc")], 3, params, seeds=[1, 2])
+
+
+def test_greedy_decoding_leaves_the_random_stream_alone(model, tokenizer):
+    torch.manual_seed(3)
+    HFGenerator(model, tokenizer).generate([Conversation.from_prompt("abc")], 1, SamplingParams(0, max_new_tokens=5))
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(1))

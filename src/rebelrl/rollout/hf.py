@@ -169,8 +169,8 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, p
     steps = 0
     for t in range(params.max_new_tokens):
         logp, scores, removed = dist(context, logits, rows)
-        u = uniforms()[rows]
-        token = draw(scores, u) if dist.sample else scores.argmax(dim=-1)  # (n_active,)
+        # Greedy decoding draws nothing, so it leaves the caller's random stream where it was.
+        token = draw(scores, uniforms()[rows]) if dist.sample else scores.argmax(dim=-1)  # (n_active,)
         tokens[rows, t] = token
         logps[rows, t] = logp.gather(1, token[:, None]).squeeze(1)
         if removed is not None:

@@ -10,7 +10,8 @@ reference model), one AdamW step an iteration (lr 1e-6, constant, clip 1.0) on a
 forward/backward (rebelrl: one micro-batch of 16 pairs; TRL: per-device batch 32, num_generations 2,
 no gradient accumulation), no gradient checkpointing (TRL's default turns it on), no mixed precision.
 ``rebelrl-lean`` is rebelrl in its lean mode: the same run with ``model.activation_checkpointing=true``
-(its update floor below still counts 3 forwards; checkpointing spends a fourth on purpose).
+and ``free_memory=at_once`` (its update floor below still counts 3 forwards; checkpointing spends a
+fourth on purpose, and returning memory at once costs page faults).
 
     python benchmarks/vs_trl.py                    # rebelrl, rebelrl-lean, trl-grpo, trl-rloo alternating; 3 repeats x 6 iterations
     python benchmarks/vs_trl.py --full-length      # every reply forced to 48 tokens: identical token counts
@@ -94,9 +95,9 @@ COPY_BYTES = 512 * 2**20
 
 def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False) -> list[str]:
     """rebelrl's config for the workload, as ``rebelrl train`` overrides; ``lean``: the lean mode
-    (activation checkpointing, the same micro-batch of 16 pairs)."""
+    (activation checkpointing, freed memory returned at once, the same micro-batch of 16 pairs)."""
     p, budget = args.prompts, args.max_new_tokens
-    return [*(["model.activation_checkpointing=true"] if lean else []),
+    return [*(["model.activation_checkpointing=true", "free_memory=at_once"] if lean else []),
         "algo=rebel", f"run_dir={run_dir}", f"iterations={args.iterations}", f"seed={seed}", f"threads={args.threads}",
         f"model.name={args.model}", "model.dtype=float32",
         # Two held-out prompts: the initial and final evaluations rebelrl always runs stay small

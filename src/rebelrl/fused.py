@@ -1,17 +1,24 @@
-"""A gated MLP that keeps half as much for the backward pass.
+"""Layers that keep less for the backward pass: the gated MLP and RMSNorm of Llama-style models.
 
-Llama-style decoder layers end in ``down(silu(gate(x)) * up(x))``. Run as written, autograd keeps
-four tensors of the intermediate width for each token and layer: the gate output (for silu's
-backward), silu's output and the up output (for the product's), and the product (for ``down``'s
-weight gradient). ``swiglu_down`` keeps only the gate and up outputs and recomputes silu and the
-product in the backward pass: element-wise work, next to nothing beside the matrix products, for
-about a quarter of the training step's activations on SmolLM2 (intermediate width 1536 against a
-hidden width of 576). The forward is the same computation, and the gradients are the same
-formulas (tested against autograd in float64).
+Gated MLP. Llama-style decoder layers end in ``down(silu(gate(x)) * up(x))``. Run as written,
+autograd keeps four tensors of the intermediate width for each token and layer: the gate output
+(for silu's backward), silu's output and the up output (for the product's), and the product (for
+``down``'s weight gradient). ``swiglu_down`` keeps only the gate and up outputs and recomputes silu
+and the product in the backward pass: element-wise work, next to nothing beside the matrix
+products, for about a quarter of the training step's activations on SmolLM2 (intermediate width
+1536 against a hidden width of 576).
 
-``fuse_gated_mlps`` swaps it into every MLP module that has this exact shape (plain ``nn.Linear``
-projections, a SiLU activation), and checks on the first one that the swapped forward returns
-what the module's own did before keeping the swap; models of any other shape are left alone.
+RMSNorm. ``weight * (x * rsqrt(mean(x^2) + eps))`` as written keeps its input, the normalised
+input (for the weight's gradient) and, in half precision, a float32 copy of the input. ``rms_norm``
+keeps the input and one number a token (the inverse root mean square) and recomputes the rest: one
+tensor of the hidden width fewer per norm, two per decoder layer (three in half precision).
+
+In both, the forward is the same computation, op for op, and the gradients are the same formulas
+(tested against autograd in float64; the norm computes in float32 as Llama's does, in float64 for a
+float64 input). ``fuse_gated_mlps`` and ``fuse_rms_norms`` swap them into
+every module that has exactly that shape, and check on the first one that the swapped forward
+returns what the module's own did, bit for bit, before keeping the swap; modules of any other
+shape (Gemma's ``1 + weight`` norm, a GELU MLP) are left alone.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# --- the gated MLP ---------------------------------------------------------------------------
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -88,3 +98,78 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     for m in mlps:
         m.forward = types.MethodType(_fused_forward, m)
     return len(mlps)
+
+
+# --- RMSNorm -----------------------------------------------------------------------------------
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, computed in float32 (or float64) as
+    Llama's norm is, keeping ``x`` and the (..., 1) inverse root mean square only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = _inverse_rms(x, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x.to(rstd.dtype) * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd  # x-hat, recomputed
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * normed.to(x.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # y = w x-hat, x-hat = x r, r = (mean(x^2) + eps)^(-1/2): dx = r (g - x-hat mean(g x-hat)), g = w dy
+            g = (grad_out * weight).to(rstd.dtype)
+            grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """(..., 1) ``rsqrt(mean(x^2) + eps)`` in float32, or float64 for a float64 ``x``."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm of ``x`` (..., H) with ``weight`` (H,); under autograd it keeps ``x`` and one
+    number a row. A weight that is not all there (ZeRO-3 or FSDP sharding) takes the plain path."""
+    whole = weight.shape == x.shape[-1:] and not hasattr(weight, "ds_id")
+    if torch.is_grad_enabled() and whole and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, eps)
+    rstd = _inverse_rms(x, eps)
+    return weight * (x.to(rstd.dtype) * rstd).to(x.dtype)
+
+
+def _norm_forward(self, x):
+    return rms_norm(x, self.weight, self.variance_epsilon)
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, nn.Parameter) and weight.dim() == 1
+            and isinstance(getattr(module, "variance_epsilon", None), float))
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Give every Llama-style RMSNorm of ``model`` the lean forward; returns how many. Nothing changes
+    if the first one's output differs, in any bit, from its own forward's."""
+    norms = [m for m in model.modules() if _is_rms_norm(m) and "forward" not in vars(m)]
+    if not norms:
+        return 0
+    first = norms[0]
+    weight = first.weight
+    with torch.no_grad():
+        x = torch.randn(2, 3, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        if not torch.equal(_norm_forward(first, x), first(x)):
+            return 0
+    for m in norms:
+        m.forward = types.MethodType(_norm_forward, m)
+    return len(norms)
+
+
+def fuse_layers(model: nn.Module) -> dict[str, int]:
+    """Both swaps above; how many modules each changed."""
+    return {"gated_mlp": fuse_gated_mlps(model), "rms_norm": fuse_rms_norms(model)}

@@ -145,7 +145,7 @@ class _LinearTokenLogprob(torch.autograd.Function):
         out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], chunk):
-            z = (hidden[s : s + chunk] @ weight.T).float() / temperature  # (c, V), the head's own dtype first, as in the model
+            z = (hidden[s : s + chunk] @ weight.T).float().div_(temperature)  # (c, V), the head's own dtype first, as in the model
             lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
             out[s : s + chunk] = z.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, labels, lse)
@@ -160,13 +160,16 @@ class _LinearTokenLogprob(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # (c, H), (c, 1)
-            z = (h @ weight.T).float() / ctx.temperature
-            dz = torch.exp(z - lse[s : s + ctx.chunk, None]).mul_(-g)  # (c, V): -g * softmax(z)
-            dz.scatter_add_(-1, labels[s : s + ctx.chunk, None], g)  # + g at the label
-            dz = (dz / ctx.temperature).to(hidden.dtype)  # through z = logits / temperature, back to the head's dtype
+            # (c, V) d out / d logits = (onehot(y) - softmax(z)) g / temperature, z = logits / temperature,
+            # built in place in the one (c, V) buffer of the recomputed logits
+            g = g / ctx.temperature
+            dz = (h @ weight.T).float().div_(ctx.temperature).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)
+            dz = dz.scatter_add_(-1, labels[s : s + ctx.chunk, None], g).to(hidden.dtype)  # back to the head's dtype
             if want_h:
                 grad_h[s : s + ctx.chunk] = dz @ weight
-            if want_w:
+            if want_w and dz.dtype == grad_w.dtype:
+                grad_w.addmm_(dz.T, h)  # no (V, H) temporary
+            elif want_w:
                 grad_w += (dz.T @ h).float()
         return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None, None
 

@@ -45,6 +45,7 @@ from rebelrl.losses import (
 )
 from rebelrl.rollout import HFGenerator
 from rebelrl.train.config import TrainConfig
+from rebelrl.train.memory import release_free_memory
 from rebelrl.types import Rollout, TokenBatch
 
 # (logps (m, T), values (m, T) or None, batch, rows (m,)) -> (loss, metrics)
@@ -219,6 +220,7 @@ def update(run: Run, collected: Collected, method: Method) -> dict[str, float]:
 
     With several processes the completions are this process's share, a minibatch is its share of the
     global ``minibatch_size``, and the step averages the gradients of all shares."""
+    release_free_memory()  # what the rollout's KV cache and the no-grad passes left
     cfg = run.cfg.update
     rollout, batch = collected.rollout, collected.batch
     mask = rollout.completion_mask

@@ -20,6 +20,7 @@ import torch
 from rebelrl.logprobs import by_length, completion_logprobs, rollout_logprobs, row_lengths
 from rebelrl.losses import chipo_loss, dpo_loss, ipo_loss, rebel_loss
 from rebelrl.train.config import TrainConfig
+from rebelrl.train.memory import release_free_memory
 from rebelrl.algos.run import Run, sample_metrics
 from rebelrl.types import PairBatch, Rollout
 
@@ -147,6 +148,7 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
     With several processes, ``pairs`` are this process's share, a minibatch is its share of the global
     ``minibatch_size``, and the step averages the gradients of all shares.
     """
+    release_free_memory()  # what the rollout's KV cache and the no-grad passes left
     cfg = run.cfg.update
     loss_fn = loss_fn or rebel_pair_loss(run.cfg.rebel.eta)
     rollout, pairs = batch.rollout, batch.pairs

@@ -39,7 +39,7 @@ from rebelrl.eval.dialogue import (
     save_dialogues,
 )
 from rebelrl.eval.evaluate import eval_metrics, eval_rows, save_sample_rows
-from rebelrl.fused import fuse_gated_mlps
+from rebelrl.fused import fuse_layers
 from rebelrl.logprobs import rollout_logprobs
 from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer
 from rebelrl.rewards import RewardFn, checked_reward
@@ -52,6 +52,7 @@ from rebelrl.train.distributed import ONE_PROCESS, GatheringGenerator, Processes
 from rebelrl.train.metrics import JsonlLogger
 from rebelrl.train.optim import make_optimizer, make_schedule
 from rebelrl.train.run_dir import RunDirError  # noqa: F401  (raised through here since the first version)
+from rebelrl.train.memory import free_at_once, release_free_memory
 from rebelrl.train.threads import pin_threads
 
 INITIAL_SAMPLES = "eval_initial.jsonl"
@@ -95,6 +96,8 @@ class Run:
         processes = Processes.start()
         check_shares(cfg, processes.count, processes.steps_in_backward)
         threads = pin_threads(cfg.threads)
+        if cfg.free_memory == "at_once" and not free_at_once():
+            print("rebelrl: free_memory=at_once needs glibc's malloc; freed memory is returned between phases only", flush=True)
         run_dir = Path(cfg.run_dir)
         checkpoint = processes.on_main(lambda: run_dirs.prepare(cfg))
         task = build_task(cfg.task)
@@ -205,6 +208,7 @@ class Run:
         )
         for iteration in self._bar:
             self.iteration = iteration
+            release_free_memory()  # what the last evaluation and checkpoint left
             yield iteration
 
     def prompts_for(self, iteration: int):
@@ -541,7 +545,7 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
     if m.activation_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (LoRA freezes the embeddings).
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    fuse_gated_mlps(policy)  # Llama-style MLPs keep half their activations for the backward pass
+    fuse_layers(policy)  # Llama-style MLPs and norms keep less for the backward pass
     # Dropout stays off while training too: the policy that is regressed must be the one that sampled.
     policy.eval()
     ref.eval()

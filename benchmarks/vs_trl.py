@@ -46,7 +46,8 @@ What each phase holds:
                   the loss forward (with entropies) + backward, clipping, AdamW, scheduler, zero_grad
 
 Floor report. A child measures the machine first: the fp32 GEMM rate R (torch.matmul on the model's
-shapes, best of them) and the memory bandwidth B (a 512 MiB tensor copy, read + write bytes). From
+shapes, best of them) and the memory bandwidth B (a 512 MiB tensor copy, read + write bytes); and,
+for reading the rollout's multiple, the rate of a decoding step's products (one row per reply). From
 the token counts each run measured (prompt P_i and reply C_i tokens of each sequence, the reply
 counting its stop token) and the model's dimensions (N_body = weights of the decoder layers' matrix
 products, N_head = V x d, L layers, d_attn = heads x head_dim, d_kv = kv_heads x head_dim):
@@ -349,10 +350,18 @@ def child_floor(args) -> dict:
         f"head ({replies} x {c.hidden_size} x {c.vocab_size})": (replies, c.hidden_size, c.vocab_size),
     }
     gemm = {name: gemm_gflops(*shape, args.floor_seconds) for name, shape in shapes.items()}
+    # What a decoding step's products get: one new token a row, every row of an iteration at once.
+    # Not part of the floor, which takes the best rate; it says how far a step can get to it.
+    rows = 2 * args.prompts
+    decode = {
+        f"layer ({rows} x {c.hidden_size} x {c.intermediate_size})": gemm_gflops(rows, c.hidden_size, c.intermediate_size, args.floor_seconds),
+        f"head ({rows} x {c.hidden_size} x {c.vocab_size})": gemm_gflops(rows, c.hidden_size, c.vocab_size, args.floor_seconds),
+    }
     src = torch.rand(COPY_BYTES // 4)
     dst = torch.empty_like(src)
     copy_s = best_seconds(lambda: dst.copy_(src), args.floor_seconds)
-    return {"dims": dims, "gemm_gflops": gemm, "gflops": max(gemm.values()), "copy_gbps": 2 * COPY_BYTES / copy_s / 1e9}
+    return {"dims": dims, "gemm_gflops": gemm, "gflops": max(gemm.values()), "decode_gemm_gflops": decode,
+            "copy_gbps": 2 * COPY_BYTES / copy_s / 1e9}
 
 
 def gemm_gflops(m: int, k: int, n: int, budget: float) -> float:
@@ -519,8 +528,12 @@ def print_ratios(summary: dict, base: dict) -> None:
 
 def print_floors(summary: dict, machine: dict) -> None:
     gemm = ", ".join(f"{name} {rate:.1f}" for name, rate in machine["gemm_gflops"].items())
+    decode = ", ".join(f"{name} {rate:.1f}" for name, rate in machine.get("decode_gemm_gflops", {}).items())
     print(f"\nfloors: fp32 GEMM {machine['gflops']:.1f} GFLOP/s (best of {gemm}), copy {machine['copy_gbps']:.1f} GB/s "
-          "(formulas in the docstring); time as a multiple of its floor (floor in seconds)\n")
+          "(formulas in the docstring); time as a multiple of its floor (floor in seconds)")
+    if decode:
+        print(f"a decoding step's products run at: {decode} GFLOP/s")
+    print()
     print("| method | rollout | ref + old log-probs | update | iteration |")
     print("|---|---|---|---|---|")
     for method, r in summary.items():

@@ -52,12 +52,16 @@ class _SwiGLUDown(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             product = silu * up
             grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).T @ product.reshape(-1, product.shape[-1])  # (O, I)
+            del product
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)
         if ctx.needs_input_grad[1]:
             grad_up = grad_product * silu
+        del silu
         if ctx.needs_input_grad[0]:
-            grad_gate = grad_product * up * (sig * (1 + gate * (1 - sig)))  # d silu(g) / dg = sig(g) (1 + g (1 - sig(g)))
+            # d silu(g) / dg = sig(g) (1 + g (1 - sig(g))), built in place in the buffers of sig and grad_product
+            slope = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig)
+            grad_gate = grad_product.mul_(up).mul_(slope)
         return grad_gate, grad_up, grad_weight, grad_bias
 
 

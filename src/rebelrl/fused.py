@@ -8,10 +8,11 @@ and the product in the backward pass: element-wise work, next to nothing beside 
 products, for about a quarter of the training step's activations on SmolLM2 (intermediate width
 1536 against a hidden width of 576).
 
-RMSNorm. ``weight * (x * rsqrt(mean(x^2) + eps))`` as written keeps its input, the normalised
-input (for the weight's gradient) and, in half precision, a float32 copy of the input. ``rms_norm``
-keeps the input and one number a token (the inverse root mean square) and recomputes the rest: one
-tensor of the hidden width fewer per norm, two per decoder layer (three in half precision).
+RMSNorm. ``weight * (x * rsqrt(mean(x^2) + eps))`` as written keeps the input (as a float32 copy
+in half precision) and the normalised input (for the weight's gradient). ``rms_norm`` keeps the
+input in its own dtype and one number a token (the inverse root mean square) and recomputes the
+normalised input: 4 bytes fewer per element of the hidden width and norm, in float32 (half of what
+the norm kept) and bfloat16 (two thirds) alike; two norms a decoder layer.
 
 In both, the forward is the same computation, op for op, and the gradients are the same formulas
 (tested against autograd in float64; the norm computes in float32 as Llama's does, in float64 for a

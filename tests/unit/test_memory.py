@@ -6,7 +6,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
+from rebelrl.models import tiny_model, tiny_tokenizer
 from rebelrl.train.memory import _glibc_call
 
 glibc = pytest.mark.skipif(platform.system() != "Linux" or _glibc_call("malloc_trim") is None, reason="needs glibc's malloc")
@@ -57,3 +59,29 @@ def test_at_once_returns_each_freed_tensor_immediately():
     by_default, _, _ = _child("none")
     assert by_default - before > 150  # the holes were never resident: 200 MB less than by default
 
+
+
+def test_lean_mode_trains_the_same_weights(tmp_path, monkeypatch):
+    """activation checkpointing and free_memory=at_once through the real CLI: the same updates as the
+    default (plain SGD, so a changed gradient shows), and the allocator setting asked for once."""
+    from safetensors.torch import load_file
+
+    from rebelrl.algos import run as run_module
+    from rebelrl.cli import main
+    from tests.tiny_run import PLAIN_SGD_ARGS, TINY_ARGS, setup_task, use_plain_sgd
+
+    use_plain_sgd(monkeypatch)
+    asked = []
+    monkeypatch.setattr(run_module, "free_at_once", lambda: asked.append(True) or True)  # the setting itself: the child tests above
+    prompts = setup_task(tmp_path, monkeypatch)
+    common = ["train", *TINY_ARGS, f"task.prompts={prompts}", "iterations=2", *PLAIN_SGD_ARGS]
+    assert main([*common, f"run_dir={tmp_path / 'default'}"]) == 0
+    assert asked == []
+    assert main([*common, f"run_dir={tmp_path / 'lean'}", "model.activation_checkpointing=true", "free_memory=at_once"]) == 0
+    assert asked == [True]
+    weights = "checkpoints/iter-000002/model/model.safetensors"
+    a, b = load_file(tmp_path / "default" / weights), load_file(tmp_path / "lean" / weights)
+    initial = tiny_model(tiny_tokenizer(), seed=0).state_dict()
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # training moved the weights
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)

@@ -48,6 +48,16 @@ def _saved_bytes(model, ids) -> int:
     return total
 
 
+def _assert_train_the_same(plain, fused, ids) -> None:
+    """The same logits bit for bit, and the same gradients of every weight."""
+    for model in (plain, fused):
+        model(input_ids=ids).logits.logsumexp(-1).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
+
+
 def test_a_fused_llama_keeps_two_intermediate_tensors_fewer_and_trains_the_same():
     tokenizer = tiny_tokenizer()
     plain, fused = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=0)
@@ -57,12 +67,7 @@ def test_a_fused_llama_keeps_two_intermediate_tensors_fewer_and_trains_the_same(
     saved_plain, saved_fused = _saved_bytes(plain, ids), _saved_bytes(fused, ids)
     intermediate = 2 * 7 * plain.config.intermediate_size * 4  # one (B, T, I) float32 tensor
     assert saved_plain - saved_fused == 2 * intermediate * layers  # silu(gate) and the product, in every layer
-    for model in (plain, fused):
-        model(input_ids=ids).logits.logsumexp(-1).sum().backward()
-    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
-    with torch.no_grad():
-        assert torch.equal(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
+    _assert_train_the_same(plain, fused, ids)
 
 
 def test_other_shapes_are_left_alone(tmp_path):
@@ -153,12 +158,7 @@ def test_fused_norms_keep_one_hidden_tensor_fewer_each_and_train_the_same():
     # Each norm drops x-hat (B, T, H) and keeps the inverse RMS (B, T, 1) where autograd kept the same
     # (B, T, 1) from rsqrt; each gated MLP drops two (B, T, I) tensors.
     assert _saved_bytes(plain, ids) - _saved_bytes(fused, ids) == (2 * layers + 1) * hidden + layers * 2 * intermediate
-    for model in (plain, fused):
-        model(input_ids=ids).logits.logsumexp(-1).sum().backward()
-    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
-    with torch.no_grad():
-        assert torch.equal(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
+    _assert_train_the_same(plain, fused, ids)
 
 
 def test_norms_of_another_formula_are_left_alone():

@@ -17,9 +17,9 @@ the norm kept) and bfloat16 (two thirds) alike; two norms a decoder layer.
 In both, the forward is the same computation, op for op, and the gradients are the same formulas
 (tested against autograd in float64; the norm computes in float32 as Llama's does, in float64 for a
 float64 input). ``fuse_gated_mlps`` and ``fuse_rms_norms`` swap them into
-every module that has exactly that shape, and check on the first one that the swapped forward
-returns what the module's own did, bit for bit, before keeping the swap; modules of any other
-shape (Gemma's ``1 + weight`` norm, a GELU MLP) are left alone.
+every module that has exactly that shape, and check on the first one of each class that the
+swapped forward returns what the module's own did, bit for bit, before keeping the swap; modules
+of any other shape (Gemma's ``1 + weight`` norm, a GELU MLP) are left alone.
 """
 
 from __future__ import annotations
@@ -89,20 +89,27 @@ def _is_gated_silu_mlp(module: nn.Module) -> bool:
 
 def fuse_gated_mlps(model: nn.Module) -> int:
     """Give every ``down(silu(gate(x)) * up(x))`` module of ``model`` the lean forward; returns how
-    many. Nothing changes if the first one's output differs from its own forward's."""
+    many. A module class whose first instance's output differs from its own forward's keeps its own."""
     mlps = [m for m in model.modules() if _is_gated_silu_mlp(m) and "forward" not in vars(m)]
-    if not mlps:
-        return 0
-    first = mlps[0]
-    weight = first.gate_proj.weight
-    with torch.no_grad():
-        x = torch.randn(2, 3, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        expected = first(x)
-        if not torch.equal(_fused_forward(first, x), expected):
-            return 0
-    for m in mlps:
-        m.forward = types.MethodType(_fused_forward, m)
-    return len(mlps)
+    return _swap_checked(mlps, _fused_forward, lambda m: m.gate_proj.weight.shape[1], lambda m: m.gate_proj.weight)
+
+
+def _swap_checked(modules: list[nn.Module], forward, width, weight) -> int:
+    """Give ``modules`` the method ``forward``, per class, where the class's first instance returns
+    what its own forward did, bit for bit, on random input of ``width(module)`` features in the dtype
+    and device of ``weight(module)``; returns how many were swapped."""
+    swapped = 0
+    for cls in dict.fromkeys(type(m) for m in modules):
+        same = [m for m in modules if type(m) is cls]
+        w = weight(same[0])
+        with torch.no_grad():
+            x = torch.randn(2, 3, width(same[0]), dtype=w.dtype, device=w.device)
+            if not torch.equal(forward(same[0], x), same[0](x)):
+                continue
+        for m in same:
+            m.forward = types.MethodType(forward, m)
+        swapped += len(same)
+    return swapped
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------
@@ -159,20 +166,10 @@ def _is_rms_norm(module: nn.Module) -> bool:
 
 
 def fuse_rms_norms(model: nn.Module) -> int:
-    """Give every Llama-style RMSNorm of ``model`` the lean forward; returns how many. Nothing changes
-    if the first one's output differs, in any bit, from its own forward's."""
+    """Give every Llama-style RMSNorm of ``model`` the lean forward; returns how many. A norm class
+    whose first instance's output differs, in any bit, from its own forward's keeps its own."""
     norms = [m for m in model.modules() if _is_rms_norm(m) and "forward" not in vars(m)]
-    if not norms:
-        return 0
-    first = norms[0]
-    weight = first.weight
-    with torch.no_grad():
-        x = torch.randn(2, 3, weight.shape[0], dtype=weight.dtype, device=weight.device)
-        if not torch.equal(_norm_forward(first, x), first(x)):
-            return 0
-    for m in norms:
-        m.forward = types.MethodType(_norm_forward, m)
-    return len(norms)
+    return _swap_checked(norms, _norm_forward, lambda m: m.weight.shape[0], lambda m: m.weight)
 
 
 def fuse_layers(model: nn.Module) -> dict[str, int]:

@@ -165,3 +165,21 @@ def test_norms_of_another_formula_are_left_alone():
     gemma = families._model("gemma", families._tokenizer("gemma"), 0)  # (1 + weight), scaled in float32
     assert fuse_rms_norms(gemma) == 0
     assert fuse_rms_norms(nn.Sequential(nn.LayerNorm(4))) == 0
+
+
+def test_each_norm_class_is_checked_on_its_own():
+    """A model whose final norm is of another formula (and class) keeps that one as it is, and still
+    gets the lean layer norms."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, seed=0)
+    norm_class = type(model.model.norm)
+
+    class DoubledRMSNorm(norm_class):  # same attributes, another function
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model.model.norm.__class__ = DoubledRMSNorm
+    assert fuse_rms_norms(model) == 2 * model.config.num_hidden_layers
+    assert "forward" not in vars(model.model.norm)
+    x = torch.randn(1, 2, model.config.hidden_size)
+    torch.testing.assert_close(model.model.norm(x), 2 * rms_norm(x, model.model.norm.weight, model.model.norm.variance_epsilon))

@@ -91,19 +91,19 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     """Give every ``down(silu(gate(x)) * up(x))`` module of ``model`` the lean forward; returns how
     many. A module class whose first instance's output differs from its own forward's keeps its own."""
     mlps = [m for m in model.modules() if _is_gated_silu_mlp(m) and "forward" not in vars(m)]
-    return _swap_checked(mlps, _fused_forward, lambda m: m.gate_proj.weight.shape[1], lambda m: m.gate_proj.weight)
+    return _swap_checked(mlps, _fused_forward, lambda m: m.gate_proj.weight)
 
 
-def _swap_checked(modules: list[nn.Module], forward, width, weight) -> int:
+def _swap_checked(modules: list[nn.Module], forward, weight) -> int:
     """Give ``modules`` the method ``forward``, per class, where the class's first instance returns
-    what its own forward did, bit for bit, on random input of ``width(module)`` features in the dtype
-    and device of ``weight(module)``; returns how many were swapped."""
+    what its own forward did, bit for bit, on random input shaped for ``weight(module)`` (its last
+    dimension: the input features), in that weight's dtype and device; returns how many were swapped."""
     swapped = 0
     for cls in dict.fromkeys(type(m) for m in modules):
         same = [m for m in modules if type(m) is cls]
         w = weight(same[0])
         with torch.no_grad():
-            x = torch.randn(2, 3, width(same[0]), dtype=w.dtype, device=w.device)
+            x = torch.randn(2, 3, w.shape[-1], dtype=w.dtype, device=w.device)
             if not torch.equal(forward(same[0], x), same[0](x)):
                 continue
         for m in same:
@@ -169,7 +169,7 @@ def fuse_rms_norms(model: nn.Module) -> int:
     """Give every Llama-style RMSNorm of ``model`` the lean forward; returns how many. A norm class
     whose first instance's output differs, in any bit, from its own forward's keeps its own."""
     norms = [m for m in model.modules() if _is_rms_norm(m) and "forward" not in vars(m)]
-    return _swap_checked(norms, _norm_forward, lambda m: m.weight.shape[0], lambda m: m.weight)
+    return _swap_checked(norms, _norm_forward, lambda m: m.weight)
 
 
 def fuse_layers(model: nn.Module) -> dict[str, int]:

@@ -11,11 +11,12 @@ begins, where little is live. It changes no value, takes milliseconds, and does 
 C library has no such call (macOS, musl).
 
 Within a phase the holes remain: an update's forward pass places each layer's short-lived tensors
-in fresh pages while the ones just freed stay resident, so its peak is about 1.5 times what is live.
+in fresh pages while the ones just freed stay resident (on SmolLM2-135M with 32 rows of about 100
+tokens, resident memory ends the forward 1.6 GB above what is live).
 ``free_at_once`` (``free_memory: at_once``) gives every allocation of 1 MB or more pages of its own
 (glibc's ``M_MMAP_THRESHOLD``), returned the moment the tensor is freed: resident memory then
 follows what is live, at the price of faulting those pages in anew each time (about a third more
-time an iteration on 2 CPU cores). With activation checkpointing it is the lean mode.
+time an iteration on 2 CPU cores, measured). With activation checkpointing it is the lean mode.
 """
 
 from __future__ import annotations

@@ -353,10 +353,11 @@ def child_floor(args) -> dict:
     # What a decoding step's products get: one new token a row, every row of an iteration at once.
     # Not part of the floor, which takes the best rate; it says how far a step can get to it.
     rows = 2 * args.prompts
-    decode = {
-        f"layer ({rows} x {c.hidden_size} x {c.intermediate_size})": gemm_gflops(rows, c.hidden_size, c.intermediate_size, args.floor_seconds),
-        f"head ({rows} x {c.hidden_size} x {c.vocab_size})": gemm_gflops(rows, c.hidden_size, c.vocab_size, args.floor_seconds),
+    decode_shapes = {
+        f"layer ({rows} x {c.hidden_size} x {c.intermediate_size})": (rows, c.hidden_size, c.intermediate_size),
+        f"head ({rows} x {c.hidden_size} x {c.vocab_size})": (rows, c.hidden_size, c.vocab_size),
     }
+    decode = {name: gemm_gflops(*shape, args.floor_seconds) for name, shape in decode_shapes.items()}
     src = torch.rand(COPY_BYTES // 4)
     dst = torch.empty_like(src)
     copy_s = best_seconds(lambda: dst.copy_(src), args.floor_seconds)
@@ -528,12 +529,10 @@ def print_ratios(summary: dict, base: dict) -> None:
 
 def print_floors(summary: dict, machine: dict) -> None:
     gemm = ", ".join(f"{name} {rate:.1f}" for name, rate in machine["gemm_gflops"].items())
-    decode = ", ".join(f"{name} {rate:.1f}" for name, rate in machine.get("decode_gemm_gflops", {}).items())
+    decode = ", ".join(f"{name} {rate:.1f}" for name, rate in machine["decode_gemm_gflops"].items())
     print(f"\nfloors: fp32 GEMM {machine['gflops']:.1f} GFLOP/s (best of {gemm}), copy {machine['copy_gbps']:.1f} GB/s "
           "(formulas in the docstring); time as a multiple of its floor (floor in seconds)")
-    if decode:
-        print(f"a decoding step's products run at: {decode} GFLOP/s")
-    print()
+    print(f"a decoding step's products run at: {decode} GFLOP/s\n")
     print("| method | rollout | ref + old log-probs | update | iteration |")
     print("|---|---|---|---|---|")
     for method, r in summary.items():

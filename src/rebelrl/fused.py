@@ -94,24 +94,6 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     return _swap_checked(mlps, _fused_forward, lambda m: m.gate_proj.weight)
 
 
-def _swap_checked(modules: list[nn.Module], forward, weight) -> int:
-    """Give ``modules`` the method ``forward``, per class, where the class's first instance returns
-    what its own forward did, bit for bit, on random input shaped for ``weight(module)`` (its last
-    dimension: the input features), in that weight's dtype and device; returns how many were swapped."""
-    swapped = 0
-    for cls in dict.fromkeys(type(m) for m in modules):
-        same = [m for m in modules if type(m) is cls]
-        w = weight(same[0])
-        with torch.no_grad():
-            x = torch.randn(2, 3, w.shape[-1], dtype=w.dtype, device=w.device)
-            if not torch.equal(forward(same[0], x), same[0](x)):
-                continue
-        for m in same:
-            m.forward = types.MethodType(forward, m)
-        swapped += len(same)
-    return swapped
-
-
 # --- RMSNorm -----------------------------------------------------------------------------------
 
 
@@ -123,7 +105,7 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         rstd = _inverse_rms(x, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x.to(rstd.dtype) * rstd).to(x.dtype)
+        return _scaled(x, weight, rstd)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -145,14 +127,18 @@ def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def _scaled(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The norm's output from its input and inverse RMS, in Llama's order of operations and casts."""
+    return weight * (x.to(rstd.dtype) * rstd).to(x.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm of ``x`` (..., H) with ``weight`` (H,); under autograd it keeps ``x`` and one
     number a row. A weight that is not all there (ZeRO-3 or FSDP sharding) takes the plain path."""
     whole = weight.shape == x.shape[-1:] and not hasattr(weight, "ds_id")
     if torch.is_grad_enabled() and whole and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps)
-    rstd = _inverse_rms(x, eps)
-    return weight * (x.to(rstd.dtype) * rstd).to(x.dtype)
+    return _scaled(x, weight, _inverse_rms(x, eps))
 
 
 def _norm_forward(self, x):
@@ -170,6 +156,27 @@ def fuse_rms_norms(model: nn.Module) -> int:
     whose first instance's output differs, in any bit, from its own forward's keeps its own."""
     norms = [m for m in model.modules() if _is_rms_norm(m) and "forward" not in vars(m)]
     return _swap_checked(norms, _norm_forward, lambda m: m.weight)
+
+
+# --- swapping them in --------------------------------------------------------------------------
+
+
+def _swap_checked(modules: list[nn.Module], forward, weight) -> int:
+    """Give ``modules`` the method ``forward``, per class, where the class's first instance returns
+    what its own forward did, bit for bit, on random input shaped for ``weight(module)`` (its last
+    dimension: the input features), in that weight's dtype and device; returns how many were swapped."""
+    swapped = 0
+    for cls in dict.fromkeys(type(m) for m in modules):
+        same = [m for m in modules if type(m) is cls]
+        w = weight(same[0])
+        with torch.no_grad():
+            x = torch.randn(2, 3, w.shape[-1], dtype=w.dtype, device=w.device)
+            if not torch.equal(forward(same[0], x), same[0](x)):
+                continue
+        for m in same:
+            m.forward = types.MethodType(forward, m)
+        swapped += len(same)
+    return swapped
 
 
 def fuse_layers(model: nn.Module) -> dict[str, int]:

@@ -24,7 +24,9 @@ timing. Each measured run is its own child process on the CPU (GPUs hidden, Open
 repeat, so a slow spell of the machine hits all of them. The median per-iteration time is taken over
 all repeats' iterations after the first --warmup ones. rebelrl's run also evaluates 2 held-out
 prompts before and after training and saves a final checkpoint: outside the timed iterations, inside
-its peak RSS. Results: a table on stdout, everything measured in --out (JSON).
+its peak RSS. "kernel" is a child's system CPU time (ru_stime, loading included) divided by its
+iterations: mostly page faults, which can cost microseconds each on a virtual machine. Results: a
+table on stdout, everything measured in --out (JSON).
 
 What each phase holds:
     rebelrl (its own timers, metrics.jsonl)
@@ -421,7 +423,8 @@ def launch(kind: str, repeat: int, args, workdir: Path) -> dict:
     if args.full_length and kind != "floor":
         check_forced(kind, result, args.max_new_tokens)
     return {**result, "method": kind, "repeat": repeat, "wall_s": time.perf_counter() - t0,
-            "peak_rss_mb": usage.ru_maxrss / 1024}  # Linux reports KiB
+            "peak_rss_mb": usage.ru_maxrss / 1024,  # Linux reports KiB
+            "kernel_s": usage.ru_stime, "page_faults": usage.ru_minflt}
 
 
 def check_forced(kind: str, result: dict, budget: int) -> None:
@@ -484,6 +487,7 @@ def summarise(runs: list[dict], machine: dict | None, warmup: int) -> dict:
         row["logprobs_old"] = statistics.median(rec["logprobs_old"] for rec in kept)
         row["reply_tokens"] = statistics.mean(mean_reply(rec) for rec in kept)
         row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in mine)
+        row["kernel_s"] = statistics.median(r["kernel_s"] / len(r["iterations"]) for r in mine)
         row["iterations_measured"] = len(kept)
         row["old_recomputed_iterations"] = sum(bool(rec.get("old_recomputed")) for rec in kept)
         if machine:
@@ -507,11 +511,11 @@ def print_tables(summary: dict, machine: dict | None, args) -> None:
 
 def print_times(summary: dict) -> None:
     print("| method | iteration (s) | rollout (s) | score (s) | ref + old log-probs (s) | of which old (s) | update (s) "
-          "| mean reply (tokens) | peak RSS (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| mean reply (tokens) | peak RSS (GB) | kernel (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for method, r in summary.items():
         print(f"| {method} | {r['iteration']:.2f} | {r['rollout']:.2f} | {r['score']:.3f} | {r['logprobs']:.2f} | {r['logprobs_old']:.2f} | "
-              f"{r['update']:.2f} | {r['reply_tokens']:.1f} | {r['peak_rss_mb'] / 1024:.2f} |")
+              f"{r['update']:.2f} | {r['reply_tokens']:.1f} | {r['peak_rss_mb'] / 1024:.2f} | {r['kernel_s']:.1f} |")
     for method, r in summary.items():
         if r["old_recomputed_iterations"]:
             print(f"\n{method}: log pi_t was recomputed by a forward in {r['old_recomputed_iterations']} measured iterations "

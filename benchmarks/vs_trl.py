@@ -49,10 +49,11 @@ What each phase holds:
 
 Floor report. A child measures the machine first: the fp32 GEMM rate R (torch.matmul on the model's
 shapes, best of them) and the memory bandwidth B (a 512 MiB tensor copy, read + write bytes); and,
-for reading the rollout's multiple, the rate of a decoding step's products (one row per reply). From
-the token counts each run measured (prompt P_i and reply C_i tokens of each sequence, the reply
-counting its stop token) and the model's dimensions (N_body = weights of the decoder layers' matrix
-products, N_head = V x d, L layers, d_attn = heads x head_dim, d_kv = kv_heads x head_dim):
+for reading the rollout's multiple, the rate of a decoding step's products (one row per reply, x W^T
+as nn.Linear runs them). From the token counts each run measured (prompt P_i and reply C_i tokens of
+each sequence, the reply counting its stop token) and the model's dimensions (N_body = weights of the
+decoder layers' matrix products, N_head = V x d, L layers, d_attn = heads x head_dim, d_kv =
+kv_heads x head_dim):
 
     forward(n tokens, logits at c) = 2 N_body n + 2 L d_attn n (n + 1) + 2 N_head c   FLOPs
         (matrix products of the layers, causal attention QK^T and AV, the output head)
@@ -76,6 +77,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -352,26 +354,41 @@ def child_floor(args) -> dict:
         f"head ({replies} x {c.hidden_size} x {c.vocab_size})": (replies, c.hidden_size, c.vocab_size),
     }
     gemm = {name: gemm_gflops(*shape, args.floor_seconds) for name, shape in shapes.items()}
-    # What a decoding step's products get: one new token a row, every row of an iteration at once.
+    # What a decoding step's products get: one new token a row, every row of an iteration at once,
+    # through nn.Linear as the model runs them.
     # Not part of the floor, which takes the best rate; it says how far a step can get to it.
     rows = 2 * args.prompts
     decode_shapes = {
         f"layer ({rows} x {c.hidden_size} x {c.intermediate_size})": (rows, c.hidden_size, c.intermediate_size),
         f"head ({rows} x {c.hidden_size} x {c.vocab_size})": (rows, c.hidden_size, c.vocab_size),
     }
-    decode = {name: gemm_gflops(*shape, args.floor_seconds) for name, shape in decode_shapes.items()}
+    decode = {name: gemm_gflops(*shape, args.floor_seconds, as_linear=True) for name, shape in decode_shapes.items()}
     src = torch.rand(COPY_BYTES // 4)
     dst = torch.empty_like(src)
     copy_s = best_seconds(lambda: dst.copy_(src), args.floor_seconds)
     return {"dims": dims, "gemm_gflops": gemm, "gflops": max(gemm.values()), "decode_gemm_gflops": decode,
-            "copy_gbps": 2 * COPY_BYTES / copy_s / 1e9}
+            "copy_gbps": 2 * COPY_BYTES / copy_s / 1e9, "cpu": cpu_name()}
 
 
-def gemm_gflops(m: int, k: int, n: int, budget: float) -> float:
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what the platform module knows; results differ by CPU."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def gemm_gflops(m: int, k: int, n: int, budget: float, as_linear: bool = False) -> float:
+    """The best rate of an (m, k) x (k, n) product; ``as_linear``: as ``nn.Linear`` runs it, x W^T with
+    W stored (n, k) (the BLAS call differs, and at few rows so can its speed)."""
     import torch
 
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    out = torch.empty(m, n)
+    a = torch.randn(m, k)
+    if as_linear:
+        w = torch.randn(n, k)
+        return 2 * m * k * n / best_seconds(lambda: torch.nn.functional.linear(a, w), budget) / 1e9
+    b, out = torch.randn(k, n), torch.empty(m, n)
     return 2 * m * k * n / best_seconds(lambda: torch.matmul(a, b, out=out), budget) / 1e9
 
 
@@ -534,9 +551,10 @@ def print_ratios(summary: dict, base: dict) -> None:
 def print_floors(summary: dict, machine: dict) -> None:
     gemm = ", ".join(f"{name} {rate:.1f}" for name, rate in machine["gemm_gflops"].items())
     decode = ", ".join(f"{name} {rate:.1f}" for name, rate in machine["decode_gemm_gflops"].items())
-    print(f"\nfloors: fp32 GEMM {machine['gflops']:.1f} GFLOP/s (best of {gemm}), copy {machine['copy_gbps']:.1f} GB/s "
+    print(f"\nmachine: {machine.get('cpu', 'unknown CPU')}")
+    print(f"floors: fp32 GEMM {machine['gflops']:.1f} GFLOP/s (best of {gemm}), copy {machine['copy_gbps']:.1f} GB/s "
           "(formulas in the docstring); time as a multiple of its floor (floor in seconds)")
-    print(f"a decoding step's products run at: {decode} GFLOP/s\n")
+    print(f"a decoding step's products (nn.Linear, x W^T) run at: {decode} GFLOP/s\n")
     print("| method | rollout | ref + old log-probs | update | iteration |")
     print("|---|---|---|---|---|")
     for method, r in summary.items():

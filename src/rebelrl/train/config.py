@@ -201,7 +201,8 @@ class TrainConfig:
     allow_config_change: bool = field(False, "with resume: accept values that differ from the run's config (recorded in config_changes.jsonl)")
     threads: int | None = field(None, "CPU threads for torch; null = torch's default")
     free_memory: Literal["between_phases", "at_once"] = field(
-        "between_phases", "between_phases: freed memory goes back to the system where each phase of an iteration ends (milliseconds, and the next phase faults its pages in again); "
+        "between_phases", "between_phases: freed memory goes back to the system where each phase of an iteration ends "
+        "(milliseconds, and the next phase faults its pages in again); "
         "at_once: every tensor of 1 MB or more is given back the moment it is freed (Linux with glibc): the lowest peak memory, "
         "about a third slower on CPU; with model.activation_checkpointing, the lean mode"
     )

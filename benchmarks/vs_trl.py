@@ -551,7 +551,7 @@ def print_ratios(summary: dict, base: dict) -> None:
 def print_floors(summary: dict, machine: dict) -> None:
     gemm = ", ".join(f"{name} {rate:.1f}" for name, rate in machine["gemm_gflops"].items())
     decode = ", ".join(f"{name} {rate:.1f}" for name, rate in machine["decode_gemm_gflops"].items())
-    print(f"\nmachine: {machine.get('cpu', 'unknown CPU')}")
+    print(f"\nmachine: {machine['cpu']}")
     print(f"floors: fp32 GEMM {machine['gflops']:.1f} GFLOP/s (best of {gemm}), copy {machine['copy_gbps']:.1f} GB/s "
           "(formulas in the docstring); time as a multiple of its floor (floor in seconds)")
     print(f"a decoding step's products (nn.Linear, x W^T) run at: {decode} GFLOP/s\n")

@@ -60,7 +60,6 @@ def test_at_once_returns_each_freed_tensor_immediately():
     assert by_default - before > 150  # the holes were never resident: 200 MB less than by default
 
 
-
 def test_lean_mode_trains_the_same_weights(tmp_path, monkeypatch):
     """activation checkpointing and free_memory=at_once through the real CLI: the same updates as the
     default (plain SGD, so a changed gradient shows), and the allocator setting asked for once."""

@@ -2,7 +2,8 @@
 each test, against one process doing the same work.
 
 - one REBEL update on a global batch of pairs shared between two processes moves the weights as the
-  same update in one process (and would not without gradient averaging);
+  same update in one process (and would not without gradient averaging), and so does one DAPO update
+  (a token mean) whose processes hold different numbers of tokens;
 - the held-out evaluation shared between two processes gives the numbers one process gets on the
   same prompts and seeds;
 - metrics of the processes' shares combine into the whole batch's (hand-derived numbers);
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +30,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from rebelrl.algos import rebel
+from rebelrl.algos import pg, rebel
 from rebelrl.algos.run import Run
 from rebelrl.cli import main
 from rebelrl.config import ConfigError
@@ -39,7 +41,7 @@ from rebelrl.seeding import seeded
 from rebelrl.train.config import TrainConfig
 from rebelrl.train.distributed import ONE_PROCESS, Processes, check_shares, combine_metrics
 from rebelrl.train.optim import make_schedule
-from rebelrl.types import Conversation, PairBatch
+from rebelrl.types import Conversation, PairBatch, Rollout, TokenBatch
 from tests.tiny_run import PROMPTS, REFUEL_ARGS, RULE_MODULE, TINY_ARGS, read_jsonl, setup_task, strip_timings
 
 TRAIN_PROMPTS = [Conversation.from_prompt(p) for p in PROMPTS[:8]]
@@ -133,6 +135,32 @@ def _one_update(processes: Processes, average: bool = True) -> dict:
             "grad_norm": metrics["grad_norm"]}
 
 
+def _rollout_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    picked = {f.name: getattr(rollout, f.name)[rows] for f in fields(Rollout) if isinstance(getattr(rollout, f.name), torch.Tensor)}
+    return Rollout(**{**{f.name: getattr(rollout, f.name) for f in fields(Rollout)}, **picked,
+                      "conversations": [rollout.conversations[i] for i in rows.tolist()]})
+
+
+def _one_token_mean_update(processes: Processes) -> dict:
+    """One DAPO step (GRPO's loss with the token mean) on the same 8 completions in every process,
+    advantages taken over all 8; process r trains on its share of them, the 4 shortest on process 0
+    and the 4 longest on process 1, so the two hold different numbers of tokens."""
+    run = _bare_run(processes)
+    run.cfg.algo, run.cfg.grpo.aggregation = "grpo", "token_mean"
+    method = pg.METHODS["grpo"]
+    with seeded(3):
+        rollout = run.generator.generate(TRAIN_PROMPTS[:4], 2, SAMPLING)  # (8,)
+    collected = pg.assemble(run, rollout, torch.tensor(lowercase(rollout.conversations)), method)
+    by_length = rollout.completion_lengths.argsort(stable=True)
+    share = by_length[processes.rank * 8 // processes.count : (processes.rank + 1) * 8 // processes.count]
+    b = collected.batch
+    collected.rollout = _rollout_rows(rollout, share)
+    collected.batch = TokenBatch(b.old_logps[share], b.ref_logps[share], b.advantages[share])
+    pg.update(run, collected, method)
+    return {"weights": {k: v.detach().clone() for k, v in run.policy.state_dict().items()},
+            "tokens": int(rollout.completion_mask[share].sum())}
+
+
 def _shared_eval(processes: Processes) -> dict:
     run = _bare_run(processes, EVAL_PROMPTS)
     rows = run._shared_eval(lambda prompts, seed: eval_rows(run.generator, run.ref, prompts, lowercase, SAMPLING, seed, None))
@@ -141,7 +169,8 @@ def _shared_eval(processes: Processes) -> dict:
 
 def _update_worker(rank: int, port: int, out: str) -> None:
     processes = _join(rank, port)
-    result = {"averaged": _one_update(processes), "local": _one_update(processes, average=False), "eval": _shared_eval(processes)}
+    result = {"averaged": _one_update(processes), "local": _one_update(processes, average=False), "eval": _shared_eval(processes),
+              "token_mean": _one_token_mean_update(processes)}
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
@@ -165,6 +194,14 @@ def test_two_processes_make_the_one_process_update_and_evaluation(tmp_path, one_
         assert result["averaged"]["grad_norm"] == pytest.approx(one["grad_norm"], rel=2e-5)
     local_gap = max((ranks[0]["local"]["weights"][k] - one["weights"][k]).abs().max().item() for k in one["weights"])
     assert local_gap > 1e-4, f"the test cannot tell averaged gradients from local ones ({local_gap:.2g})"
+
+    # DAPO's token mean over processes holding 9 and 16 tokens (say): each token weighs 1 / all tokens,
+    # as in one process, not 1 / (2 x its own process's tokens).
+    one_dapo = _one_token_mean_update(ONE_PROCESS)
+    assert ranks[0]["token_mean"]["tokens"] != ranks[1]["token_mean"]["tokens"], "the shares must differ in tokens"
+    for result in ranks:
+        for key, expected in one_dapo["weights"].items():
+            torch.testing.assert_close(result["token_mean"]["weights"][key], expected, atol=1e-6, rtol=0)
 
     run = _bare_run(ONE_PROCESS, EVAL_PROMPTS)
     rows = [row for c in (0, 1) for row in eval_rows(run.generator, run.ref, EVAL_PROMPTS[3 * c : 3 * c + 3], lowercase, SAMPLING, 1234 + c, None)]

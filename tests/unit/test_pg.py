@@ -20,6 +20,8 @@ METHODS = {
     "grpo": ["algo=grpo", "rollout.samples_per_prompt=4", "update.minibatch_size=8", "update.micro_batch_size=8"],
     "dr_grpo": ["algo=grpo", "rollout.samples_per_prompt=4", "grpo.scale_advantages=false", "grpo.aggregation=seq_mean_token_sum_norm",
                 "update.minibatch_size=8", "update.micro_batch_size=8", "optim.lr=1e-2"],
+    "dapo": ["algo=grpo", "rollout.samples_per_prompt=4", "grpo.aggregation=token_mean", "grpo.clip_eps_high=0.28", "update.minibatch_size=8",
+             "update.micro_batch_size=8"],
     "ppo": ["algo=ppo", "rollout.samples_per_prompt=2", "ppo.kl_coef=0", "update.minibatch_size=8", "update.micro_batch_size=8"],
     "ppo_separate_critic": ["algo=ppo", "rollout.samples_per_prompt=2", "ppo.kl_coef=0", "ppo.critic=separate", "update.minibatch_size=8",
                             "update.micro_batch_size=8"],
@@ -64,14 +66,17 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, monkeypatch, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["grpo", "ppo", "rloo"])
+@pytest.mark.parametrize("method", ["grpo", "dapo", "ppo", "rloo"])
 def test_gradient_accumulation_matches_one_big_minibatch(tmp_path, monkeypatch, method):
     """8 completions a step as one micro-batch of 8 or eight of 1: the same updates (token-weighted
-    for PPO's token mean, completion-weighted for GRPO's and RLOO's sequence means; plain SGD)."""
+    for PPO's and DAPO's token means, completion-weighted for GRPO's and RLOO's sequence means; plain
+    SGD). The completions differ in length (some end early, some run to the budget), so a token mean
+    weighted by completions per micro-batch would give other updates."""
     use_plain_sgd(monkeypatch)
     args = ["iterations=2", *METHODS[method], *PLAIN_SGD_ARGS]
     one = train(tmp_path, monkeypatch, "one", *args, "update.micro_batch_size=8")
     eight = train(tmp_path, monkeypatch, "eight", *args, "update.micro_batch_size=1")
+    assert all(0 < m["frac_no_eos"] < 1 for m in read_jsonl(one / "metrics.jsonl")), "every batch needs replies of several lengths"
     a = load_file(one / "checkpoints" / "iter-000002" / "model" / "model.safetensors")
     b = load_file(eight / "checkpoints" / "iter-000002" / "model" / "model.safetensors")
     for key in a:

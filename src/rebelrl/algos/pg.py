@@ -58,7 +58,9 @@ Advantages = Callable[[Run, Rollout, torch.Tensor, torch.Tensor, torch.Tensor], 
 class Method:
     advantages: Advantages
     loss: TokenLoss
-    per_token: bool  # the loss averages over tokens (micro-batches weigh by tokens), else over completions
+    # Whether the configured loss averages over tokens (micro-batches weigh by their tokens, counted
+    # over every process), else over completions.
+    per_token: Callable[[TrainConfig], bool]
     samples_per_prompt: Callable[[TrainConfig], int]
 
 
@@ -158,11 +160,15 @@ def astar_token_loss(cfg: TrainConfig, mask: torch.Tensor) -> TokenLoss:
     return loss_fn
 
 
+def _k(cfg: TrainConfig) -> int:
+    return cfg.rollout.samples_per_prompt
+
+
 METHODS: dict[str, Method] = {
-    "rloo": Method(rloo_batch, rloo_token_loss, per_token=False, samples_per_prompt=lambda c: c.rollout.samples_per_prompt),
-    "grpo": Method(grpo_batch, grpo_token_loss, per_token=False, samples_per_prompt=lambda c: c.rollout.samples_per_prompt),
-    "ppo": Method(ppo_batch, ppo_token_loss, per_token=True, samples_per_prompt=lambda c: c.rollout.samples_per_prompt),
-    "astar_po": Method(astar_batch, astar_token_loss, per_token=False, samples_per_prompt=lambda c: 1),
+    "rloo": Method(rloo_batch, rloo_token_loss, per_token=lambda c: False, samples_per_prompt=_k),
+    "grpo": Method(grpo_batch, grpo_token_loss, per_token=lambda c: c.grpo.aggregation == "token_mean", samples_per_prompt=_k),
+    "ppo": Method(ppo_batch, ppo_token_loss, per_token=lambda c: True, samples_per_prompt=_k),
+    "astar_po": Method(astar_batch, astar_token_loss, per_token=lambda c: False, samples_per_prompt=lambda c: 1),
 }
 
 
@@ -228,13 +234,18 @@ def update(run: Run, collected: Collected, method: Method) -> dict[str, float]:
     shared_critic = run.critic is not None and run.critic.backbone is None
     temperature = run.sampling.logprob_temperature
     minibatch_size = cfg.minibatch_size // run.processes.count  # this process's share of each minibatch
+    per_token = method.per_token(run.cfg)
     losses, grad_norms, fit, mismatch = [], [], [], None
     lengths = row_lengths(rollout)
     for _ in range(cfg.epochs):
         order = torch.randperm(len(rollout))
         for start in range(0, len(rollout), minibatch_size):
             minibatch = by_length(order[start : start + minibatch_size], lengths)
-            units = mask[minibatch].sum().item() if method.per_token else len(minibatch)
+            # A micro-batch's loss is a mean over its own tokens (or completions); weighted by its share
+            # of the minibatch's, the accumulated gradient is the minibatch's mean. A token mean counts
+            # the tokens of every process's share, times the processes because their gradients are
+            # averaged: a process holding more tokens weighs more, as in one process.
+            units = run.processes.sum(mask[minibatch].sum().item()) / run.processes.count if per_token else len(minibatch)
             run.optimizer.zero_grad(set_to_none=True)
             total = 0.0
             micros = minibatch.split(cfg.micro_batch_size)
@@ -255,7 +266,7 @@ def update(run: Run, collected: Collected, method: Method) -> dict[str, float]:
                         mismatch = gap if mismatch is None else max(mismatch, gap)
                     values = _values(run, rollout, micro, hidden, run.critic_learner) if run.critic is not None else None
                     loss, metrics = loss_fn(logps, values, batch, micro)
-                    weight = (mask[micro].sum().item() if method.per_token else len(micro)) / units
+                    weight = (mask[micro].sum().item() if per_token else len(micro)) / units
                     run.backward(loss * weight)
                 total += loss.item() * weight
                 fit.append(metrics)

@@ -126,6 +126,10 @@ class Processes:
 
         return gather_object(list(items))
 
+    def sum(self, value: float) -> float:
+        """``value`` added up over processes (one process: ``value``)."""
+        return sum(self.gather([value])) if self.distributed else value
+
     def max(self, value: float) -> float:
         """The largest ``value`` over processes (NaN if any is NaN)."""
         values = self.gather([value])

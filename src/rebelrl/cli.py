@@ -16,10 +16,12 @@ import argparse
 import json
 import shlex
 import sys
+import traceback
 
 from rebelrl.compare import CompareConfig
 from rebelrl.config import ConfigError, describe, load_config, to_yaml
 from rebelrl.errors import UserError
+from rebelrl.imports import user_code_context
 from rebelrl.train.config import EvalCommandConfig, GenerateConfig, TrainConfig
 
 COMMANDS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig, "compare": CompareConfig}
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = [f"{key}=true" for key in ("resume", "allow_config_change") if getattr(ns, key, False)]
     cfg = None
     try:
+        if ns.command == "train" and ns.num_processes < 1:
+            raise ConfigError(f"--num_processes={ns.num_processes}: expected >= 1 (the number of local processes to train in)")
         cfg = load_config(cls, path, [*overrides, *flags])
         if ns.command == "train" and ns.num_processes > 1:
             return _launch(cfg, ns.num_processes, sys.argv[1:] if argv is None else argv)
@@ -66,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"rebelrl {ns.command}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        context = user_code_context(e)
+        if context is None:
+            raise  # a bug in rebelrl: the traceback is the report
+        # A bug in the user's own code: say whose, then its traceback (without the same line as a note).
+        print(f"rebelrl {ns.command}: {context}; its traceback follows", file=sys.stderr)
+        e.__notes__ = [n for n in getattr(e, "__notes__", []) if not n.startswith("(raised in ")]
+        traceback.print_exception(e)
+        return 1
     except KeyboardInterrupt:
         print(f"\nrebelrl {ns.command}: interrupted" + (_resume_hint(cfg, ns.args) if ns.command == "train" and cfg else ""), file=sys.stderr)
         return 130

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 from rebelrl.errors import UserError
-from rebelrl.imports import SpecError, build_object, import_object
+from rebelrl.imports import SpecError, build_object, call_user_code, import_object
 from rebelrl.types import Conversation
 
 StartFn = Callable[[int, int], list[Conversation]]  # (n, seed) -> n starting conversations
@@ -122,7 +122,10 @@ def checked_step(env: Env, conversations: list[Conversation], name: str, max_ret
     then ``EnvError`` names the env, the row and what came back: a result too few would otherwise
     be dropped by a ``zip`` and leave two assistant turns back to back.
     """
-    results, problems = ask_rows(lambda rows: env.step([conversations[i] for i in rows]), len(conversations), _step_problem, max_retries)
+    def step(rows):
+        return call_user_code(env.step, f"env {name}", f"answering {len(rows)} dialogues (step)", [conversations[i] for i in rows])
+
+    results, problems = ask_rows(step, len(conversations), _step_problem, max_retries)
     if problems:
         expected = "one StepResult per conversation, with a non-empty user_message unless done"
         raise EnvError(_failure(f"env {name}: step", problems, 1 + max_retries, expected))
@@ -131,7 +134,7 @@ def checked_step(env: Env, conversations: list[Conversation], name: str, max_ret
 
 def checked_reset(env: Env, n: int, seed: int, name: str) -> list[Conversation]:
     """``env.reset(n, seed)``, checked: ``n`` conversations, each ending with a non-empty user message."""
-    out = env.reset(n, seed)
+    out = call_user_code(env.reset, f"env {name}", f"opening dialogues (reset({n}, seed={seed}))", n, seed)
     if isinstance(out, (str, bytes)) or not isinstance(out, Sequence) or len(out) != n:
         got = f"{len(out)} conversations" if isinstance(out, Sequence) else f"a {type(out).__name__}"
         raise EnvError(f"env {name}: reset({n}, seed={seed}) returned {got}; expected {n} Conversations")
@@ -234,8 +237,9 @@ class UserEnv:
             if not c.messages or c.messages[-1].role != "assistant":
                 raise ValueError(f"step: conversation {i} must end with an assistant message")
         ended = [
-            count_assistant_turns(c) >= self.horizon or (self.stop is not None and bool(self.stop(c)))
-            for c in conversations
+            count_assistant_turns(c) >= self.horizon
+            or (self.stop is not None and bool(call_user_code(self.stop, f"UserEnv stop function {self.stop!r}", f"checking dialogue {i}", c)))
+            for i, c in enumerate(conversations)
         ]
         open_rows = [i for i, e in enumerate(ended) if not e]
         replies = self._ask([conversations[i] for i in open_rows])
@@ -246,21 +250,23 @@ class UserEnv:
         rewards: list[float | None] = [None] * len(conversations)
         done_rows = [i for i, e in enumerate(ended) if e]
         if self.reward is not None and done_rows:
-            for i, r in zip(done_rows, self.reward([conversations[i] for i in done_rows])):
+            scores = call_user_code(self.reward, f"UserEnv reward {self.reward!r}", f"scoring {len(done_rows)} ended dialogues",
+                                    [conversations[i] for i in done_rows])
+            for i, r in zip(done_rows, scores):
                 rewards[i] = float(r)
         return [StepResult(m, e, r) for m, e, r in zip(messages, ended, rewards)]
 
     def _ask(self, conversations: list[Conversation]) -> list[str | None]:
         """One reply per conversation; None for rows that failed every attempt (``on_failure="end"``)."""
+        who = f"user simulator {type(self.user).__name__}"
         replies, problems = ask_rows(
-            lambda rows: self.user.respond([conversations[i] for i in rows]),
+            lambda rows: call_user_code(self.user.respond, who, f"answering {len(rows)} dialogues", [conversations[i] for i in rows]),
             len(conversations),
             lambda reply: None if isinstance(reply, str) and reply.strip() else repr(reply),
             self.max_retries,
             noun="messages",
         )
         if problems and self.on_failure == "raise":
-            who = f"user simulator {type(self.user).__name__}"
             raise UserSimulatorError(_failure(who, problems, 1 + self.max_retries, "a non-empty string per conversation"))
         return replies
 

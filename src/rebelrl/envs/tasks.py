@@ -38,11 +38,12 @@ class Task:
 def task_reward(task: Task, reward_cfg):
     """The reward a run uses: ``reward.fn`` if set, else the task's own. -> (name, reward function)."""
     from rebelrl.rewards import load_reward
+    from rebelrl.rewards.registry import user_reward
 
     name = reward_cfg.fn or task.reward
     if name is None:
         raise ConfigError(f"reward.fn: task {task.name!r} has no default reward: set reward.fn (a built-in name or module:function)")
-    return name, load_reward(name, reward_cfg.kwargs)
+    return name, user_reward(load_reward(name, reward_cfg.kwargs), name)
 
 
 def build_task(cfg) -> Task:

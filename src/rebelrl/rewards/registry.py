@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Set
 from typing import TYPE_CHECKING, Any
 
 from rebelrl.errors import UserError
-from rebelrl.imports import build_object, import_object
+from rebelrl.imports import build_object, call_user_code, import_object
 
 if TYPE_CHECKING:
     from rebelrl.rewards import RewardFn
@@ -77,8 +77,12 @@ def check_scores(scores: Any, n: int, spec: str, row: Callable[[int], str] | Non
     turns the loss into NaN a few steps later, far from the cause, so it is stopped here.
     """
     row = row or (lambda i: f"score {i}")
-    if isinstance(scores, (str, bytes)) or not hasattr(scores, "__len__"):
-        raise RewardError(f"reward {spec!r} returned {type(scores).__name__}, expected a list of {n} floats")
+    # A dict or a set has a length and iterates (over its keys), so it would pass for scores; a string
+    # iterates over characters. Only an ordered sequence lines its scores up with the conversations.
+    if isinstance(scores, (str, bytes, Mapping, Set)) or not (hasattr(scores, "__len__") and hasattr(scores, "__getitem__")):
+        raise RewardError(
+            f"reward {spec!r} returned {type(scores).__name__}, expected a list of {n} floats (one per conversation, in order)"
+        )
     if len(scores) != n:
         raise RewardError(f"reward {spec!r} returned {len(scores)} scores for {n} conversations")
     out = []
@@ -95,7 +99,22 @@ def checked_reward(reward_fn: RewardFn, spec: str, row: Callable[[int], str] | N
     """``reward_fn`` with its scores checked on the way out, so that whoever calls it, an error names
     the reward by its spec and each conversation by ``row(i)``."""
 
+    reward_fn = user_reward(reward_fn, spec)
+
     def scored(conversations):
         return check_scores(reward_fn(conversations), len(conversations), spec, row)
 
     return scored
+
+
+def user_reward(reward_fn: RewardFn, spec: str) -> RewardFn:
+    """``reward_fn`` called as user code (``call_user_code``): ``sys.exit`` inside it is an error
+    naming the reward, and an exception it raises says which reward raised it, scoring what."""
+    if getattr(reward_fn, "_rebelrl_user_reward", False):
+        return reward_fn
+
+    def reward(conversations):
+        return call_user_code(reward_fn, f"reward {spec!r}", f"scoring {len(conversations)} conversations", conversations)
+
+    reward._rebelrl_user_reward = True
+    return reward

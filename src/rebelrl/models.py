@@ -117,10 +117,17 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerFast, prompt_format: str = "
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     if prompt_format == "plain" or (prompt_format == "auto" and not tokenizer.chat_template):
-        tokenizer.chat_template = PLAIN_TEMPLATE
+        # Base models that expect a BOS (Llama, Mistral) get one where the tokenizer's own encoding of a
+        # text would put it; prompts are rendered whole and tokenized without special tokens.
+        tokenizer.chat_template = ("{{ bos_token }}" if _encoding_adds_bos(tokenizer) else "") + PLAIN_TEMPLATE
     elif not tokenizer.chat_template:
         raise ValueError(f"{tokenizer.name_or_path}: prompt_format=chat but the tokenizer has no chat template; use plain")
     return tokenizer
+
+
+def _encoding_adds_bos(tokenizer: PreTrainedTokenizerFast) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos] and tokenizer("a", add_special_tokens=False).input_ids[:1] != [bos]
 
 
 def load_causal_lm(name: str, dtype: str = "float32", seed: int = 0) -> torch.nn.Module:

@@ -41,3 +41,24 @@ def test_top_p_and_temperature_change_samples_but_not_shapes(model, tokenizer):
     torch.manual_seed(0)
     a = gen.generate(prompts, 4, SamplingParams(temperature=1.0, top_p=0.5, max_new_tokens=6))
     assert a.completion_ids.shape[0] == 4 and (a.sample_logps <= 0).all()
+
+
+def test_plain_text_prompts_start_with_bos_where_the_tokenizers_own_encoding_does():
+    """A Llama-2-style base tokenizer puts <s> before any text it encodes; a plain-text prompt then
+    starts with it too (and with nothing where the tokenizer adds none, as Pythia's)."""
+    from tokenizers import processors
+
+    from rebelrl.models import prepare_tokenizer
+    from rebelrl.rollout import encode_prompts
+    from rebelrl.types import Conversation
+    from tests.families import char_tokenizer
+
+    with_bos = char_tokenizer(["<unk>", "<s>", "</s>"], unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    without_bos = char_tokenizer(["<unk>", "<s>", "</s>"], unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    prompt = Conversation.from_prompt("TL;DR:")
+    for tokenizer, expected_first in ((with_bos, True), (without_bos, False)):
+        expected = tokenizer("TL;DR:").input_ids
+        assert (expected[0] == 1) == bool(expected_first)
+        ids, _ = encode_prompts(prepare_tokenizer(tokenizer, "plain"), [prompt])
+        assert ids[0].tolist() == expected

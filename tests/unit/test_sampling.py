@@ -148,3 +148,18 @@ def test_a_trainer_state_holding_a_pickled_callable_is_refused(tmp_path, monkeyp
     assert not (tmp_path / "planted-file-was-executed").exists()
 
 
+
+
+def test_bfloat16_logits_are_cast_before_the_temperature_divides_them():
+    """The scores a token is drawn from are float32(logits) / T, the distribution log pi_t describes.
+    bfloat16 logits of about 10 are spaced 1/16 apart; dividing them by 0.7 in bfloat16 first rounds
+    each quotient to that spacing again (14.2857 -> 14.25), so the draw would follow another softmax."""
+    from rebelrl.rollout.hf import _Distribution
+
+    logits = (torch.arange(64, dtype=torch.float32) / 8 + 7).to(torch.bfloat16)[None]  # (1, 64) values in [7, 15)
+    dist = _Distribution(SamplingParams(temperature=0.7, max_new_tokens=4), prompt_length=1, stop_ids=[0], pad_lengths=torch.zeros(1, dtype=torch.long))
+    logp, scores, dropped = dist(torch.zeros(1, 1, dtype=torch.long), logits, torch.arange(1))
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, logits.float() / 0.7)
+    assert torch.allclose(torch.log_softmax(scores, dim=-1), logp, atol=1e-6)
+    assert dropped is None

@@ -88,7 +88,10 @@ class _Distribution:
     def __call__(self, context: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor):
         """``context`` (n, P+t) prompt and tokens so far and ``logits`` (n, V) of the rows ``rows`` (n,)
         still decoding -> log pi_t (n, V), scores to draw from (n, V), mass removed (n,) or None."""
-        logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+        # float32 first, then everything else: bfloat16 logits divided by the temperature in bfloat16 would
+        # round each logit by up to ~0.1 and draw from another distribution than the log-probs describe.
+        logits = logits.float()
+        logp = torch.log_softmax(logits / self.temperature, dim=-1)
         scores = logits
         if self.penalty != 1.0:
             scores = RepetitionPenaltyLogitsProcessor(self.penalty, prompt_ignore_length=self.pad_lengths[rows])(context, scores)

@@ -57,6 +57,8 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():  # a folder, or a pipe or device that would block or read as an empty config
+            raise ConfigError(f"config file {path} is not a regular file")
         try:
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
@@ -161,6 +163,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is str:
         if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # YAML's "\ud800", or an argument that was not UTF-8
+                raise ConfigError(f"{key}: holds {value[e.start]!r} at character {e.start}, which is not text (a lone surrogate)") from None
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported config type {tp}")

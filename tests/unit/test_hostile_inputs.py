@@ -100,3 +100,45 @@ def test_an_exception_in_a_reward_keeps_its_traceback_after_one_line_naming_the_
     assert lines == ["rebelrl train: reward 'tiny_hostile:raises' raised ValueError while scoring 6 conversations; its traceback follows"]
     assert "Traceback (most recent call last)" in err and 'raise ValueError("my reward is broken")' in err
     assert err.rstrip().endswith("ValueError: my reward is broken")
+
+
+# --- B, E, F: prompt files ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "row, field, message",
+    [
+        ('{"prompt": "say hi", "prompt": "ignore that, say bye"}', "'prompt'", "the key appears twice in the row"),
+        ('{"messages": [{"role": "user", "role": "system", "content": "hi"}]}', "'role'", "the key appears twice in the row"),
+        ('{"prompt": "bad \\ud800 text"}', "'prompt'", "holds a lone surrogate '\\ud800' at character 4, which is not text"),
+        ('{"messages": [{"role": "user", "content": "\\udfff"}]}', "'messages[0].content'", "holds a lone surrogate"),
+        ('{"prompt": "fine", "system": "\\ud800"}', "'system'", "holds a lone surrogate"),
+        ('{"prompt": "fine", "answer": ["ok", "\\ud800"]}', "'answer[1]'", "holds a lone surrogate"),
+    ],
+)
+def test_a_bad_row_is_named_by_file_line_and_field(row, field, message, task, tmp_path, capsys):
+    with open(task, "a") as f:
+        f.write(row + "\n")
+    assert train(task, tmp_path / "run") == 2
+    line = one_line(capsys)
+    assert line.startswith(f"rebelrl train: {task}, line 31, field {field}: {message}"), line
+
+
+@pytest.mark.parametrize("special", ["/dev/null", "fifo"])
+def test_a_prompts_path_that_is_not_a_regular_file_says_so(special, task, tmp_path, capsys):
+    import os
+
+    path = "/dev/null" if special == "/dev/null" else str(tmp_path / "prompts.fifo")
+    if special == "fifo":
+        os.mkfifo(path)
+    assert train(task, tmp_path / "run", f"task.prompts={path}") == 2
+    assert one_line(capsys) == (
+        f"rebelrl train: {path}: not a regular file (a pipe, device or socket): give a .jsonl or .parquet file or a datasets folder"
+    )
+
+
+def test_a_config_file_that_is_not_a_regular_file_or_text_that_is_not_text_is_refused(task, tmp_path, capsys):
+    assert main(["train", "/dev/null", *TINY_ARGS, f"task.prompts={task}", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert one_line(capsys) == "rebelrl train: config error: config file /dev/null is not a regular file"
+    assert train(task, tmp_path / "run", 'task.system_prompt="be \\ud800 kind"') == 2
+    assert one_line(capsys) == "rebelrl train: config error: task.system_prompt: holds '\\ud800' at character 3, which is not text (a lone surrogate)"

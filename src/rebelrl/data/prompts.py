@@ -41,6 +41,21 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's keys, refusing a repeated one: ``json`` keeps the last silently, so a row
+    ``{"prompt": "a", "prompt": "b"}`` would train on "b" with nothing said."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, row) per non-blank line; a line that is not UTF-8 JSON yields a ``_RowError`` as its row."""
     with path.open("rb") as f:  # decoded line by line, so a bad byte is reported with its line
@@ -53,9 +68,11 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield f"line {number}", json.loads(line)
+                yield f"line {number}", json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 yield f"line {number}", _RowError(None, f"invalid JSON ({e})")
+            except _DuplicateKey as e:
+                yield f"line {number}", _RowError(repr(e.args[0]), "the key appears twice in the row (JSON would keep the last silently): keep one")
 
 
 def _read_table(source: str, split: str) -> list[dict[str, Any]]:
@@ -86,6 +103,8 @@ def _rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
         path = Path(source)
         if not path.exists():
             raise PromptDataError(f"{source}: file not found")
+        if not (path.is_file() or path.is_dir()):  # a FIFO would block forever, /dev/null read as no rows
+            raise PromptDataError(f"{source}: not a regular file (a pipe, device or socket): give a .jsonl or .parquet file or a datasets folder")
         if path.is_file() and path.suffix == ".jsonl":
             yield from _read_jsonl(path)
             return
@@ -104,6 +123,27 @@ def _rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
         yield f"row {index} (0-based)", row
 
 
+def _text(value: str, field: str) -> str:
+    """``value`` if it is text that can be encoded; a lone surrogate (JSON's ``"\\ud800"``) is not
+    Unicode text, and the tokenizer would fail on it mid-run."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _RowError(repr(field), f"holds a lone surrogate {value[e.start]!r} at character {e.start}, which is not text") from None
+    return value
+
+
+def _text_tree(value: Any, field: str) -> None:
+    if isinstance(value, str):
+        _text(value, field)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _text_tree(v, f"{field}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _text_tree(v, f"{field}[{i}]")
+
+
 def _messages(value: Any, field: str) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise _RowError(repr(field), f"expected a non-empty list of messages, got {_type_name(value)}")
@@ -117,7 +157,7 @@ def _messages(value: Any, field: str) -> list[Message]:
             raise _RowError(repr(f"{field}[{i}].role"), f"expected one of {'/'.join(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise _RowError(repr(f"{field}[{i}].content"), f"expected a string, got {_type_name(content)}")
-        messages.append(Message(role, content))
+        messages.append(Message(role, _text(content, f"{field}[{i}].content")))
     last = len(messages) - 1
     if messages[last].role != "user":
         got = messages[last].role
@@ -147,10 +187,12 @@ def _conversation(
     elif not prompt.strip():
         raise _RowError(repr(prompt_field), "the prompt is empty")
     else:
-        messages = [Message("user", prompt)]
+        messages = [Message("user", _text(prompt, prompt_field))]
     system = row.get(system_field)
     if system is not None and not isinstance(system, str):
         raise _RowError(repr(system_field), f"expected a string, got {_type_name(system)}")
+    if system is not None:
+        _text(system, system_field)
     has_system = messages[0].role == "system"
     if system and has_system:
         raise _RowError(repr(system_field), f"given, but {messages_field!r} already starts with a system message")
@@ -158,6 +200,8 @@ def _conversation(
     if system:
         messages.insert(0, Message("system", system))
     meta = {k: v for k, v in row.items() if k not in (prompt_field, messages_field, system_field)}
+    for key, value in meta.items():  # saved with the samples, which a lone surrogate would stop
+        _text_tree(value, str(key))
     return Conversation(tuple(messages), meta)
 
 

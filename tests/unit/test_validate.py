@@ -36,6 +36,8 @@ from rebelrl.train.validate import FIELD_RULES, Range
         ("optim.betas=[0.9]", "optim.betas=[0.9]: expected a list of 2 numbers, each in [0, 1)"),
         ("optim.betas=[0.9, 1.0]", "optim.betas=[0.9, 1.0]: expected a list of 2 numbers, each in [0, 1)"),
         # rejected only after the model loaded
+        ("rloo.clip_eps=1", "rloo.clip_eps=1.0: expected in (0, 1)"),
+        ("rloo.clip_eps=1.5", "rloo.clip_eps=1.5: expected in (0, 1)"),
         ("optim.lr=-1e-3", "optim.lr=-0.001: expected > 0"),
         ("rollout.temperature=-0.5", "rollout.temperature=-0.5: expected > 0"),
         ("rollout.temperature=0", "rollout.temperature=0.0: expected > 0 (training samples"),
@@ -123,3 +125,11 @@ def test_cli_prints_one_line_and_exits_2(command, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith(f"rebelrl {command}: config error: ") and "model folder not found: /nonexistent/model" in err[0]
+
+
+def test_epochs_default_to_the_methods_own():
+    """A*-PO makes one pass over each batch (its authors' code and TRL); the others four; a value the
+    user sets is kept, and the resolved number is what the run's config records."""
+    assert load_config(TrainConfig, None, ["algo=astar_po"]).update.epochs == 1
+    assert load_config(TrainConfig, None, ["algo=rebel"]).update.epochs == 4
+    assert load_config(TrainConfig, None, ["algo=astar_po", "update.epochs=3"]).update.epochs == 3

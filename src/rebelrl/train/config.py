@@ -94,7 +94,7 @@ class RolloutConfig:
 
 @dataclass
 class UpdateConfig:
-    epochs: int = field(4, "passes over each iteration's samples")
+    epochs: int | None = field(None, "passes over each iteration's samples; null = the method's: 1 for astar_po (as its authors and TRL), 4 otherwise")
     minibatch_size: int = field(8, "pairs (rebel, refuel, online_dpo) or completions (rloo, grpo, ppo, astar_po) per optimizer step")
     micro_batch_size: int = field(8, "the same, per forward/backward (gradient accumulation = minibatch / micro)")
 
@@ -188,6 +188,10 @@ class CheckpointConfig:
     keep_last: int = field(2, "checkpoints kept (older ones are deleted after a newer one is complete); 0 keeps all")
 
 
+# Passes over an iteration's samples where update.epochs is not set: A*-PO's authors (and TRL) make one.
+DEFAULT_EPOCHS = {"astar_po": 1}
+
+
 @dataclass
 class TrainConfig:
     algo: Literal["rebel", "refuel", "online_dpo", "rloo", "grpo", "ppo", "astar_po"] = field(
@@ -223,6 +227,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(CheckpointConfig())
 
     def __post_init__(self) -> None:
+        if self.update.epochs is None:
+            self.update.epochs = DEFAULT_EPOCHS.get(self.algo, 4)
         validate(self)
 
     @property

@@ -97,7 +97,7 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
     },
     "RefuelConfig": {"beta": POSITIVE},
     "OnlineDpoConfig": {"beta": POSITIVE, "r_max": POSITIVE},
-    "RlooConfig": {"kl_coef": NON_NEGATIVE, "clip_eps": POSITIVE},
+    "RlooConfig": {"kl_coef": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True)},
     "GrpoConfig": {"beta": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True), "clip_eps_high": POSITIVE},
     "PpoConfig": {"kl_coef": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True), "value_clip": POSITIVE,
                   "vf_coef": NON_NEGATIVE, "gamma": Range(0, 1), "gae_lambda": Range(0, 1)},

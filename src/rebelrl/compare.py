@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from rebelrl.config import ConfigError, field, from_dict, set_dotted, to_dict
 from rebelrl.eval import read_jsonl
 from rebelrl.train.config import TrainConfig
+from rebelrl.train.validate import validate
 
 
 @dataclass
@@ -57,6 +58,7 @@ class CompareConfig:
                     raise ValueError(f"{kind}: {item.get('name')!r} takes only name and overrides (a mapping)")
         if self.budget < 1 or not self.seeds:
             raise ValueError("budget must be >= 1 and seeds non-empty")
+        validate(self)
 
 
 @dataclass
@@ -82,11 +84,15 @@ def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
                 data = _with(cfg.base, task.get("overrides", {}), method.get("overrides", {}))
                 run_dir = Path(cfg.run_dir) / task["name"] / f"{method['name']}-seed{seed}"
                 data.update(seed=seed, run_dir=str(run_dir))
-                if cfg.threads:
+                if cfg.threads is not None:
                     data["threads"] = cfg.threads
                 try:
                     probe = from_dict(TrainConfig, data)
-                    data["iterations"] = max(1, cfg.budget // completions_per_iteration(probe))
+                    per_iteration = completions_per_iteration(probe)
+                    if cfg.budget < per_iteration:  # one iteration would already spend more than the budget
+                        raise ConfigError(f"budget={cfg.budget} is less than one iteration's {per_iteration} completions: "
+                                          "raise the budget or lower rollout.prompts_per_iter")
+                    data["iterations"] = cfg.budget // per_iteration
                     if first is not None:
                         data.setdefault("eval", {})["initial_from"] = str(first)
                     train_cfg = from_dict(TrainConfig, data)

@@ -34,10 +34,10 @@ def _config(tmp_path, monkeypatch, **extra):
 
 def test_equal_budget_in_completions(tmp_path, monkeypatch):
     """32 completions: REBEL samples 8 prompts x 2 = 16 an iteration (2 iterations), GRPO 8 x 4 = 32
-    (1 iteration), A*-PO 8 x (1 + 4 reference samples) = 40 (at least 1 iteration)."""
+    (1 iteration), A*-PO 8 x (1 + 3 reference samples) = 32 (1 iteration)."""
     path = _config(tmp_path, monkeypatch)
     cfg = load_config(compare.CompareConfig, path, ["methods=[{name: R, overrides: {algo: rebel}}, {name: G, overrides: {algo: grpo, "
-                                                   "rollout.samples_per_prompt: 4}}, {name: A, overrides: {algo: astar_po, astar.ref_samples: 4}}]"])
+                                                   "rollout.samples_per_prompt: 4}}, {name: A, overrides: {algo: astar_po, astar.ref_samples: 3}}]"])
     runs = compare.plan(cfg, quick=True)
     assert [(r.method, r.cfg.iterations) for r in runs] == [("R", 2), ("G", 1), ("A", 1)]
     assert runs[0].cfg.eval.initial_from is None and {r.cfg.eval.initial_from for r in runs[1:]} == {str(runs[0].run_dir)}

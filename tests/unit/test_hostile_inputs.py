@@ -142,3 +142,70 @@ def test_a_config_file_that_is_not_a_regular_file_or_text_that_is_not_text_is_re
     assert one_line(capsys) == "rebelrl train: config error: config file /dev/null is not a regular file"
     assert train(task, tmp_path / "run", 'task.system_prompt="be \\ud800 kind"') == 2
     assert one_line(capsys) == "rebelrl train: config error: task.system_prompt: holds '\\ud800' at character 3, which is not text (a lone surrogate)"
+
+
+# --- D, E: settings that would be ignored, values that crashed later ------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["model.lora_r=4", "model.lora_dropout=0.1"], "model.lora_dropout=0.1: dropout is off while training, because the policy "
+         "that is regressed must be the one that sampled"),
+        (["task.env=tiny_rules:TinyDialogueEnv"], "task.env='tiny_rules:TinyDialogueEnv' is read only with task.name=env; with "
+         "task.name=prompts it would be ignored"),
+        (["task.user=tiny_hostile:ExitingUser"], "task.user='tiny_hostile:ExitingUser' is read only with task.name=chitchat-dialogue"),
+        (["algo=online_dpo", "online_dpo.r_max=2"], "online_dpo.r_max=2 clips chi-PO's margin only: with online_dpo.loss=dpo it would be ignored"),
+        (["rollout.temperature=0.001"], "rollout.temperature=0.001: expected >= 0.01: below it sampling is greedy in practice"),
+        (["eval.temperature=0.005"], "eval.temperature=0.005: expected >= 0.01"),
+        (["threads=100000"], "threads=100000: this machine gives the run"),
+        (["seed=-1"], "seed=-1: expected in [0, 2147483647] (numpy's seeds are below 2**32"),
+        (["seed=4294967296"], "seed=4294967296: expected in [0, 2147483647]"),
+        (["eval.seed=100000000000000000000"], "eval.seed=100000000000000000000: expected in [0, 2147483647]"),
+        (["model.name="], "model.name='': expected a model: a built-in alias"),
+        (["model.ref_name=' '"], "model.ref_name=' ': expected a model"),
+    ],
+)
+def test_a_setting_that_would_be_ignored_or_crash_later_is_refused_naming_its_key(extra, message, task, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(task, run, *extra) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"rebelrl train: config error: {message}"), line
+    assert not run.exists()
+
+
+def test_task_prompts_with_a_built_in_task_is_refused(task, tmp_path, capsys):
+    assert train(task, tmp_path / "run", "task.name=chitchat-warm") == 2
+    assert one_line(capsys) == (
+        f"rebelrl train: config error: task.prompts={str(task)!r} is read only with task.name=prompts; with task.name=chitchat-warm "
+        "it would be ignored: remove it, or set task.name"
+    )
+
+
+@pytest.mark.parametrize("n", ["0", "-2"])
+def test_num_processes_below_one_is_refused(n, task, tmp_path, capsys):
+    assert main(["train", "--num_processes", n, *TINY_ARGS, f"task.prompts={task}", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert one_line(capsys) == f"rebelrl train: config error: --num_processes={n}: expected >= 1 (the number of local processes to train in)"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["tasks=[]"], "tasks=[]: list at least one {name, overrides}"),
+        (["threads=0"], "threads=0: expected >= 1 (null leaves each run's own default)"),
+        (["budget=10"], "task tiny, method R: budget=10 is less than one iteration's 16 completions: raise the budget"),
+    ],
+)
+def test_a_comparison_that_would_run_nothing_or_past_its_budget_is_refused(extra, message, tmp_path, capsys):
+    path = tmp_path / "compare.yaml"
+    path.write_text(
+        f"run_dir: {tmp_path / 'cmp'}\n"
+        "base: {model: {name: tiny-random}, rollout: {prompts_per_iter: 8}}\n"
+        "tasks: [{name: tiny, overrides: {}}]\n"
+        "methods: [{name: R, overrides: {algo: rebel}}]\n"
+        "budget: 32\n"
+    )
+    assert main(["compare", str(path), *extra]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rebelrl compare:")]
+    assert err == [f"rebelrl compare: config error: {message}"] or err[0].startswith(f"rebelrl compare: config error: {message}"), err
+    assert not (tmp_path / "cmp").exists()

@@ -20,7 +20,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "parameter dtype (training refuses float16: use bfloat16)")
     lora_r: int = field(0, "LoRA rank; 0 trains all weights. With LoRA the reference is the model with the adapter off")
     lora_alpha: float = field(16.0, "LoRA alpha")
-    lora_dropout: float = field(0.0, "LoRA dropout (keep 0: the sampler and the learner must be the same function)")
+    lora_dropout: float = field(0.0, "LoRA dropout; training refuses > 0: dropout is off, as the policy regressed must be the one that sampled")
     lora_target_modules: str = field("all-linear", "LoRA target modules (a PEFT spec)")
     activation_checkpointing: bool = field(
         False, "recompute each layer's activations in the backward pass instead of keeping them: far less memory, a longer update"

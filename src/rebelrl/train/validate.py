@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
@@ -40,10 +41,14 @@ class Range:
 
     def __str__(self) -> str:
         if self.high is None:
-            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+            text = f"{'>' if self.low_open else '>='} {_number(self.low)}"
         else:
-            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            text = f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
         return f"{text} ({self.why})" if self.why else text
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,13 @@ class Items:
 POSITIVE = Range(0, low_open=True)
 NON_NEGATIVE = Range(0)
 AT_LEAST_ONE = Range(1)
+# numpy takes seeds in [0, 2**32); a run adds its process number (and evaluation its part number) to
+# the seed, so the range stops well below that.
+SEED = Range(0, 2**31 - 1, why="numpy's seeds are below 2**32, and processes and evaluation parts add their number")
+# Below this the sampler is greedy in practice: the 0.1-nat gap between two likely tokens becomes 10
+# nats at T = 0.01 (odds of 22000 to 1), so both completions of a pair are the same reply, their reward
+# difference and the loss are 0, and every log-prob's gradient is scaled by 1/T.
+MIN_TRAINING_TEMPERATURE = 0.01
 
 # The sampler's settings mean the same wherever they are set (training, eval, generate).
 SAMPLER = {
@@ -73,7 +85,7 @@ SAMPLER = {
 # Per config class (by name: the classes import this module), per field: the allowed values.
 # None is allowed wherever the field's type allows it; its meaning is in the field's help.
 FIELD_RULES: dict[str, dict[str, Range | Items]] = {
-    "TrainConfig": {"iterations": AT_LEAST_ONE, "threads": AT_LEAST_ONE},
+    "TrainConfig": {"iterations": AT_LEAST_ONE, "threads": AT_LEAST_ONE, "seed": SEED},
     "ModelConfig": {"lora_r": Range(0, why="0 trains all weights"), "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1, high_open=True)},
     "TaskConfig": {
         "n_train": AT_LEAST_ONE,
@@ -114,10 +126,12 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
         "temperature": Range(0, low_open=True, why="the held-out KL to the reference is an expectation over samples; a greedy "
                              "reply's log-ratio is not a KL (rebelrl eval temperature=0 scores greedy replies); null takes the rollout temperature"),
         "max_new_tokens": Range(1, why="null takes the rollout budget"),
+        "seed": SEED,
     },
     "CheckpointConfig": {"every": Range(0, why="0 saves only at the end"), "keep_last": Range(0, why="0 keeps every checkpoint")},
-    "EvalCommandConfig": {**SAMPLER, "temperature": Range(0, why="0 is greedy")},
-    "GenerateConfig": {**SAMPLER, "n": AT_LEAST_ONE, "temperature": Range(0, why="0 is greedy")},
+    "EvalCommandConfig": {**SAMPLER, "temperature": Range(0, why="0 is greedy"), "seed": SEED},
+    "GenerateConfig": {**SAMPLER, "n": AT_LEAST_ONE, "temperature": Range(0, why="0 is greedy"), "seed": SEED},
+    "CompareConfig": {"budget": AT_LEAST_ONE, "threads": Range(1, why="null leaves each run's own default")},
 }
 
 
@@ -200,14 +214,73 @@ def _train_relations(cfg) -> None:
             "model.dtype=float16 cannot train: AdamW's epsilon (1e-8) underflows to 0 in float16 and the first "
             "step turns the weights into NaN; use model.dtype=bfloat16 (same memory) or float32"
         )
+    _train_settings_that_would_be_ignored(cfg)
+    for key, temperature in (("rollout.temperature", r.temperature), ("eval.temperature", cfg.eval.temperature)):
+        if temperature is not None and temperature < MIN_TRAINING_TEMPERATURE:
+            raise ConfigError(
+                f"{key}={temperature:g}: expected >= {MIN_TRAINING_TEMPERATURE:g}: below it sampling is greedy in practice "
+                "(a 0.1-nat gap between two tokens becomes 10 nats at 0.01), so the samples of a prompt are the same reply, "
+                "their reward difference and the loss are 0, and log-prob gradients grow as 1/temperature"
+            )
+    cores = _usable_cores()
+    if cfg.threads is not None and cores and cfg.threads > cores:
+        raise ConfigError(
+            f"threads={cfg.threads}: this machine gives the run {cores} CPU cores; more threads than cores only wait on "
+            f"each other (an OpenMP team waits for its slowest thread), so the run would be slower, never faster: "
+            f"set threads <= {cores}, or null"
+        )
+    _task_relations(cfg.task)
     _check_models(check_model_path, {"model.name": m.name, "model.ref_name": m.ref_name})
     if cfg.task.name == "chitchat-dialogue" and cfg.task.user is None:
         _check_models(check_model_path, {"task.user_model": cfg.task.user_model})
 
 
+def _train_settings_that_would_be_ignored(cfg) -> None:
+    """Values the run would accept and never use: refused, so that no one reads results as theirs."""
+    m = cfg.model
+    if m.lora_dropout > 0:
+        raise ConfigError(
+            f"model.lora_dropout={m.lora_dropout:g}: dropout is off while training, because the policy that is regressed "
+            "must be the one that sampled (log pi_t is the sampler's), so the setting would be ignored: keep 0"
+        )
+    if cfg.online_dpo.r_max is not None and cfg.online_dpo.loss != "chipo":
+        raise ConfigError(
+            f"online_dpo.r_max={cfg.online_dpo.r_max:g} clips chi-PO's margin only: with online_dpo.loss={cfg.online_dpo.loss} "
+            "it would be ignored; set online_dpo.loss=chipo or r_max=null"
+        )
+
+
+# Task settings and the tasks that read them; set for any other task they would be ignored.
+_TASK_FIELDS = {
+    "prompts": ("prompts",), "eval_prompts": ("prompts",),
+    "env": ("env",), "env_kwargs": ("env",),
+    "user": ("chitchat-dialogue",), "user_kwargs": ("chitchat-dialogue",),
+    "dataset_kwargs": ("reasoning-gym",), "instruction": ("reasoning-gym",),
+    "items": ("secret",),
+}
+
+
+def _task_relations(task) -> None:
+    for key, readers in _TASK_FIELDS.items():
+        value = getattr(task, key)
+        if value not in (None, {}, []) and task.name not in readers:
+            raise ConfigError(
+                f"task.{key}={value!r} is read only with task.name={' or '.join(readers)}; with task.name={task.name} "
+                "it would be ignored: remove it, or set task.name"
+            )
+
+
+def _usable_cores() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count()
+
+
 def _eval_command_relations(cfg) -> None:
     from rebelrl.models import check_model_path
 
+    _task_relations(cfg.task)
     _check_models(check_model_path, {"model": cfg.model, "baseline": cfg.baseline})
 
 
@@ -224,14 +297,23 @@ def _check_models(check: Callable[[str], None], names: dict[str, str | None]) ->
     for key, name in names.items():
         if name is None:
             continue
+        if not name.strip():
+            raise ConfigError(f"{key}={name!r}: expected a model: a built-in alias (smollm2-135m-instruct, tiny-random), a local folder or a hub id")
         try:
             check(name)
         except FileNotFoundError as e:
             raise ConfigError(f"{key}: {e}") from None
 
 
+def _compare_relations(cfg) -> None:
+    if not cfg.tasks:
+        raise ConfigError("tasks=[]: list at least one {name, overrides} (a task with no overrides runs the base config): "
+                          "with none, nothing would be compared")
+
+
 RELATIONS: dict[str, Callable[[Any], None]] = {
     "TrainConfig": _train_relations,
+    "CompareConfig": _compare_relations,
     "EvalCommandConfig": _eval_command_relations,
     "GenerateConfig": _generate_relations,
 }

@@ -102,7 +102,7 @@ def ppo_batch(run: Run, rollout: Rollout, scores, old_logps, ref_logps):
 
 def astar_batch(run: Run, rollout: Rollout, scores, old_logps, ref_logps):
     """A* = score - V*(x), V* from reference samples of the same prompt (stage 1, once per prompt)."""
-    v_star = torch.tensor([run.astar_values[_prompt_key(c)] for c in rollout.conversations])  # (N,)
+    v_star = torch.tensor([run.astar_values[_prompt_key(c)] for c in rollout.conversations], device=scores.device)  # (N,)
     kl = ((old_logps - ref_logps) * rollout.completion_mask).sum(1)
     return TokenBatch(old_logps, ref_logps, scores - v_star), {"reward_mean": scores.mean().item(), "kl_to_ref": kl.mean().item(), "v_star_mean": v_star.mean().item()}
 
@@ -238,7 +238,7 @@ def update(run: Run, collected: Collected, method: Method) -> dict[str, float]:
     losses, grad_norms, fit, mismatch = [], [], [], None
     lengths = row_lengths(rollout)
     for _ in range(cfg.epochs):
-        order = torch.randperm(len(rollout))
+        order = torch.randperm(len(rollout), device=lengths.device)
         for start in range(0, len(rollout), minibatch_size):
             minibatch = by_length(order[start : start + minibatch_size], lengths)
             # A micro-batch's loss is a mean over its own tokens (or completions); weighted by its share

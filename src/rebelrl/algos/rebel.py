@@ -39,15 +39,15 @@ def make_pairs(scores: torch.Tensor, group_size: int, pairing: str) -> torch.Ten
     """
     k = group_size
     groups = scores.view(-1, k)  # (B, k)
-    base = torch.arange(groups.shape[0])[:, None] * k  # (B, 1)
+    base = torch.arange(groups.shape[0], device=scores.device)[:, None] * k  # (B, 1)
     if k == 2:
-        return base + torch.tensor([[0, 1]])
+        return base + torch.tensor([[0, 1]], device=scores.device)
     if pairing == "best_worst":
         best = groups.argmax(dim=1)  # first maximum
         worst = k - 1 - groups.flip(dims=[1]).argmin(dim=1)  # last minimum
         return base + torch.stack([best, worst], dim=1)
     if pairing == "adjacent":
-        return (base[:, :, None] + torch.arange(k).view(1, k // 2, 2)).view(-1, 2)
+        return (base[:, :, None] + torch.arange(k, device=scores.device).view(1, k // 2, 2)).view(-1, 2)
     raise ValueError(f"unknown pairing {pairing!r}")
 
 
@@ -159,7 +159,7 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
     losses, grad_norms, fit, mismatch = [], [], [], None
     pair_lengths = row_lengths(rollout)[pairs.index].max(dim=1).values  # (n_pairs,)
     for _ in range(cfg.epochs):
-        order = torch.randperm(len(pairs))
+        order = torch.randperm(len(pairs), device=pair_lengths.device)
         for start in range(0, len(pairs), minibatch_size):
             minibatch = by_length(order[start : start + minibatch_size], pair_lengths)
             run.optimizer.zero_grad(set_to_none=True)

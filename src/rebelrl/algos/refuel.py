@@ -72,7 +72,7 @@ def collect(run: Run, starts: list[Conversation], rollin_generator) -> Collected
     scores = run.score_conversations(finals, rollout.finished)  # (2B,)
     t2 = time.perf_counter()
     # The pair is the two turn-h replies: their log pi_t and log pi_ref are those of the branch tokens.
-    batch = assemble(run, rollout, scores, torch.arange(len(finals)).view(-1, 2))  # (B, 2) branches of a dialogue
+    batch = assemble(run, rollout, scores, torch.arange(len(finals), device=scores.device).view(-1, 2))  # (B, 2) branches of a dialogue
     batch.metrics.update({
         "branch_turn_mean": sum(branch) / len(branch),
         "end_turn_mean": sum(ends) / len(ends),

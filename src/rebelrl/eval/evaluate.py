@@ -17,10 +17,11 @@ from rebelrl.types import Conversation, Rollout
 def score_conversations(
     reward_fn: RewardFn, conversations: list[Conversation], finished: torch.Tensor, no_eos_penalty: float | None, name: str = "reward"
 ) -> torch.Tensor:
-    """Checked task scores, the no-EOS penalty applied where ``finished`` (N,) is False. -> (N,) float32."""
+    """Checked task scores, the no-EOS penalty applied where ``finished`` (N,) is False. -> (N,) float32,
+    on the device of ``finished`` (the rollout's), where the log-probs they meet live."""
     scores = check_scores(reward_fn(conversations), len(conversations), name)
     scores = apply_no_eos_penalty(scores, finished.tolist(), no_eos_penalty)
-    return torch.tensor(scores, dtype=torch.float32)
+    return torch.tensor(scores, dtype=torch.float32, device=finished.device)
 
 
 def score_rollout(reward_fn: RewardFn, rollout: Rollout, no_eos_penalty: float | None, name: str = "reward") -> torch.Tensor:
@@ -32,6 +33,7 @@ def win_outcomes(scores: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     """1 where ``scores`` beats ``baseline``, 0.5 for a tie, 0 otherwise; same shapes in and out."""
     if scores.shape != baseline.shape:
         raise ValueError(f"win rates need scores for the same prompts, got {tuple(scores.shape)} vs {tuple(baseline.shape)}")
+    baseline = baseline.to(scores.device)  # a baseline read back from the run directory is on the CPU
     return (scores > baseline).float() + 0.5 * (scores == baseline).float()
 
 

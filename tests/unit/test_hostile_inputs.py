@@ -209,3 +209,78 @@ def test_a_comparison_that_would_run_nothing_or_past_its_budget_is_refused(extra
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rebelrl compare:")]
     assert err == [f"rebelrl compare: config error: {message}"] or err[0].startswith(f"rebelrl compare: config error: {message}"), err
     assert not (tmp_path / "cmp").exists()
+
+
+# --- C: text that spells a control token stays text, on every template family ---------------------
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    from tests.families import FAMILIES, build_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {family: build_family(family, root / family) for family in FAMILIES}
+
+
+def _specials(tokenizer) -> list[str]:
+    return sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special})
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3", "gemma", "neox", "sampling-defaults"])
+def test_a_prompt_spelling_control_tokens_is_counted_as_plain_text(family, family_dirs, task, tmp_path, capsys):
+    """Each family's tokenizer reads one character a token, so a prompt of 600 characters, some of
+    them spelling every special token of the tokenizer, is as long as 600 x's: the context check
+    reports the same count for both. Read as control tokens, each would have been one token."""
+    from rebelrl.models import load_tokenizer
+
+    forged = " ".join(_specials(load_tokenizer(str(family_dirs[family]))))
+    counts = []
+    for text in ("x" * (600 - len(forged)) + forged, "x" * 600):
+        prompts = tmp_path / f"p{len(counts)}.jsonl"
+        prompts.write_text(task.read_text() + json.dumps({"prompt": text}) + "\n")
+        run = tmp_path / f"run{len(counts)}"
+        assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", f"run_dir={run}", f"model.name={family_dirs[family]}", "iterations=1"]) == 2
+        line = one_line(capsys)
+        counts.append(int(re.search(r"line 31\): (\d+) tokens with the chat template", line).group(1)))
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3", "gemma", "neox"])
+def test_forged_turns_never_become_control_tokens_in_prompts_or_dialogues(family, family_dirs):
+    from rebelrl.models import load_tokenizer
+    from rebelrl.rollout.chat import encode_prompt
+    from rebelrl.rollout.dialogue import encode_dialogue
+    from rebelrl.types import Conversation, Message
+
+    tokenizer = load_tokenizer(str(family_dirs[family]))
+    special_ids = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    forged = "hi " + " then ".join(_specials(tokenizer)) + " bye"
+    plain = "hi " + "x" * (len(forged) - 3)
+
+    def controls(ids):
+        return [i for i in ids if i in special_ids]
+
+    for system in (None, "be " + forged):
+        hostile = Conversation.from_prompt(forged, system=system)
+        benign = Conversation.from_prompt(plain, system=None if system is None else "be " + plain)
+        ids = encode_prompt(tokenizer, hostile)
+        assert controls(ids) == controls(encode_prompt(tokenizer, benign))
+        as_text = tokenizer(forged, add_special_tokens=False, split_special_tokens=True).input_ids
+        assert any(ids[i : i + len(as_text)] == as_text for i in range(len(ids)))  # the message, character by character
+    dialogue = Conversation((Message("user", forged), Message("assistant", "ok " + forged), Message("user", forged), Message("assistant", "done")))
+    ids, spans = encode_dialogue(tokenizer, dialogue)
+    benign_ids, benign_spans = encode_dialogue(tokenizer, Conversation(tuple(Message(m.role, m.content.replace(forged, plain)) for m in dialogue.messages)))
+    assert controls(ids) == controls(benign_ids) and spans == benign_spans
+    reply = tokenizer("ok " + forged, add_special_tokens=False, split_special_tokens=True).input_ids
+    assert ids[spans[0][0] : spans[0][0] + len(reply)] == reply
+
+
+# --- F: messages that blame the right thing -------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["rollout.max_new_tokens", "eval.max_new_tokens"])
+def test_a_token_budget_past_the_context_names_the_budget_not_the_prompt(key, task, tmp_path, capsys):
+    assert train(task, tmp_path / "run", f"{key}=4096") == 2
+    assert one_line(capsys) == (
+        f"rebelrl train: config error: {key}=4096 leaves no room for a prompt in the model's context of 2048 tokens: set it below 2048"
+    )

@@ -23,7 +23,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from rebelrl.config import to_dict, to_yaml
+from rebelrl.config import ConfigError, to_dict, to_yaml
 from rebelrl.data import PromptDataError
 from rebelrl.envs import Task, build_task, task_reward
 from rebelrl.errors import NonFiniteError
@@ -41,9 +41,10 @@ from rebelrl.eval.dialogue import (
 from rebelrl.eval.evaluate import eval_metrics, eval_rows, save_sample_rows
 from rebelrl.fused import fuse_layers
 from rebelrl.logprobs import rollout_logprobs
-from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer
+from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer, peft_quietly
 from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
+from rebelrl.rollout.chat import ChatTemplateError, encode_prompt
 from rebelrl.seeding import rng_state, seed_everything, set_rng_state
 from rebelrl.train import run_dir as run_dirs
 from rebelrl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_atomic
@@ -119,7 +120,8 @@ class Run:
         policy, ref = _load_models(cfg, checkpoint)
         r = cfg.rollout
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
-        check_prompt_lengths(task, tokenizer, _context_length(policy), max(r.max_new_tokens, eval_budget))
+        budget_key = "eval.max_new_tokens" if eval_budget > r.max_new_tokens else "rollout.max_new_tokens"
+        check_prompt_lengths(task, tokenizer, _context_length(policy), max(r.max_new_tokens, eval_budget), budget_key)
         policy.to(processes.device)
         ref.to(processes.device)
         critic = _load_critic(cfg, policy, checkpoint)
@@ -500,23 +502,32 @@ def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler, optim: Optim
         group.update(initial_lr=optim.lr, lr=optim.lr * factor(scheduler.last_epoch), betas=tuple(optim.betas), weight_decay=optim.weight_decay)
 
 
-def check_prompt_lengths(task: Task, tokenizer, context: int | None, max_new_tokens: int) -> None:
+def check_prompt_lengths(task: Task, tokenizer, context: int | None, max_new_tokens: int,
+                         budget_key: str = "rollout.max_new_tokens") -> None:
     """Refuse prompts that leave no room for a completion in the model's context, naming the row,
-    before any compute: the model would otherwise fail (or silently degrade) mid-run."""
+    before any compute: the model would otherwise fail (or silently degrade) mid-run. A budget that
+    alone fills the context is the budget's fault, named by ``budget_key``."""
     if not context:
         return
+    if max_new_tokens >= context:
+        raise ConfigError(f"{budget_key}={max_new_tokens} leaves no room for a prompt in the model's context of {context} "
+                          f"tokens: set it below {context}")
     limit = context - max_new_tokens
     too_long = []
     for split, prompts in (("train", task.train), ("eval", task.eval)):
-        texts = [tokenizer.apply_chat_template(p.to_chat(), tokenize=False, add_generation_prompt=True) for p in prompts]
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids] if texts else []
+        lengths = []
+        for i, p in enumerate(prompts):
+            try:
+                lengths.append(len(encode_prompt(tokenizer, p)))
+            except ChatTemplateError as e:
+                raise PromptDataError(f"{task.where(split, i)}: {e}") from None
         too_long += [(split, i, n) for i, n in enumerate(lengths) if n > limit]
     if too_long:
         split, i, n = too_long[0]
         more = f" (and {len(too_long) - 1} more prompts)" if len(too_long) > 1 else ""
         raise PromptDataError(
             f"{task.where(split, i)}: {n} tokens with the chat template{more}; the model's context of {context} tokens "
-            f"minus the completion budget of {max_new_tokens} leaves {limit}: shorten or drop the prompt"
+            f"minus the completion budget of {max_new_tokens} leaves {limit}: shorten or drop the prompt, or lower {budget_key}"
         )
 
 

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rebelrl.rollout.base import Generator, SamplingParams
-from rebelrl.rollout.chat import ChatTemplateError, render, turn_terminator
+from rebelrl.rollout.chat import ChatTemplateError, encode_chat, turn_terminator
 from rebelrl.types import Conversation
 
 
@@ -81,13 +81,13 @@ def encode_dialogue(tokenizer: PreTrainedTokenizerBase, conversation: Conversati
     terminator the template writes after a reply that was cut at the token budget.
     """
     messages = conversation.to_chat()
-    ids = _tokens(tokenizer, render(tokenizer, messages))
+    ids = encode_chat(tokenizer, messages)
     terminator = turn_terminator(tokenizer)
     spans = []
     for k, message in enumerate(conversation.messages):
         if message.role != "assistant":
             continue
-        start = _common_prefix(_tokens(tokenizer, render(tokenizer, messages[:k], add_generation_prompt=True)), ids)
+        start = _common_prefix(encode_chat(tokenizer, messages[:k], add_generation_prompt=True), ids)
         try:
             end = ids.index(terminator, start)
         except ValueError:
@@ -105,10 +105,6 @@ def turn_mask(spans: list[tuple[int, int]], turn: int, length: int) -> torch.Ten
     start, end = spans[turn - 1]
     mask[start:end] = 1
     return mask
-
-
-def _tokens(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -22,7 +22,7 @@ from transformers.generation.logits_process import (
 from rebelrl.logprobs import position_ids_from_mask
 from rebelrl.models import model_device
 from rebelrl.rollout.base import SamplingParams
-from rebelrl.rollout.chat import render_prompt, stop_token_ids
+from rebelrl.rollout.chat import encode_prompt, stop_token_ids
 from rebelrl.types import Conversation, Rollout
 
 
@@ -32,10 +32,10 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Conversatio
     Returns:
         ids (B, P) and mask (B, P).
     """
-    texts = [render_prompt(tokenizer, p) for p in prompts]
+    ids = [encode_prompt(tokenizer, p) for p in prompts]  # message text never becomes control tokens
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
     return enc.input_ids.to(device), enc.attention_mask.to(device)

@@ -41,7 +41,7 @@ from rebelrl.eval.dialogue import (
 from rebelrl.eval.evaluate import eval_metrics, eval_rows, save_sample_rows
 from rebelrl.fused import fuse_layers
 from rebelrl.logprobs import rollout_logprobs
-from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer, peft_quietly
+from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer
 from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.rollout.chat import ChatTemplateError, encode_prompt

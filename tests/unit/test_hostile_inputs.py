@@ -284,3 +284,25 @@ def test_a_token_budget_past_the_context_names_the_budget_not_the_prompt(key, ta
     assert one_line(capsys) == (
         f"rebelrl train: config error: {key}=4096 leaves no room for a prompt in the model's context of 2048 tokens: set it below 2048"
     )
+
+
+def test_a_huge_eta_is_named_when_the_loss_overflows(task, tmp_path, capsys):
+    assert train(task, tmp_path / "run", "rebel.eta=1e30") == 2
+    line = one_line(capsys)
+    assert line.startswith("rebelrl train: iteration 1: the loss is inf; stopped before the optimizer step"), line
+    assert "or lower rebel.eta=1e+30 if it is (the target is eta times the reward difference)" in line
+
+
+# --- G: no non-finite number is logged ------------------------------------------------------------
+
+
+def test_a_non_finite_method_metric_stops_the_run_instead_of_being_logged_as_null(task, tmp_path, capsys):
+    """GRPO with beta 0 reports its KL to the reference without using it: a learning rate of 10 makes it
+    inf at the first iteration, while the loss stays finite."""
+    args = [a for a in TINY_ARGS if not a.startswith(("rebel.", "optim.lr", "update.minibatch_size", "update.micro_batch_size"))]
+    run = tmp_path / "run"
+    assert main(["train", *args, f"task.prompts={task}", f"run_dir={run}", "iterations=2", "algo=grpo", "rollout.samples_per_prompt=4",
+                 "update.minibatch_size=8", "update.micro_batch_size=8", "optim.lr=10"]) == 2
+    line = one_line(capsys)
+    assert re.match(r"rebelrl train: iteration 1: the grpo/kl is (inf|nan); stopped before logging, evaluating or saving this iteration", line), line
+    assert not (run / "metrics.jsonl").exists() or "null" not in (run / "metrics.jsonl").read_text()

@@ -195,10 +195,18 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
                 total += loss.item() * len(micro) / len(minibatch)
                 fit.append(metrics)
             span = f"[{pairs.rewards.min().item():.3g}, {pairs.rewards.max().item():.3g}]"
-            run.stop_if_non_finite("loss", total, f"the pair rewards span {span}: scale the reward down if it is large, else lower optim.lr")
+            run.stop_if_non_finite("loss", total, f"the pair rewards span {span}: scale the reward down if it is large, {_eta_advice(run.cfg)}"
+                                                  "else lower optim.lr")
             grad_norms.append(run.clip_and_step())
             losses.append(total)
     return run.update_summary(batch.metrics, losses, grad_norms, fit, mismatch, batch.old_from_sampler)
+
+
+def _eta_advice(cfg: TrainConfig) -> str:
+    """REBEL regresses onto eta times the reward difference: a huge eta overflows the loss as a huge reward does."""
+    if cfg.algo == "rebel" or (cfg.algo == "refuel" and cfg.refuel.loss == "rebel"):
+        return f"or lower rebel.eta={cfg.rebel.eta:g} if it is (the target is eta times the reward difference), "
+    return ""
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:

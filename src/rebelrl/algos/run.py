@@ -314,8 +314,9 @@ class Run:
             metrics = self.processes.combine(metrics, len(rollout), int(rollout.completion_mask.sum()))
         # Whatever a loop checked on the way, nothing non-finite is logged, evaluated or saved.
         before = "logging, evaluating or saving this iteration"
-        for key in ("loss", "grad_norm", "reward_mean", "score_mean"):
-            if key in metrics:
+        first = ("loss", "grad_norm", "reward_mean", "score_mean")  # the likeliest causes are named first
+        for key in [*first, *(k for k in metrics if k not in first)]:
+            if isinstance(metrics.get(key), (int, float)):  # every quantity, e.g. grpo/kl, which a NaN would log as null
                 self.stop_if_non_finite(key, metrics[key], "lower optim.lr, or check the reward's scale", before)
         if not all(torch.isfinite(p).all() for p in self.policy.parameters() if p.requires_grad):
             self._stop("some weights are NaN or infinite", "lower optim.lr", before)

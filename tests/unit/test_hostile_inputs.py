@@ -306,3 +306,17 @@ def test_a_non_finite_method_metric_stops_the_run_instead_of_being_logged_as_nul
     line = one_line(capsys)
     assert re.match(r"rebelrl train: iteration 1: the grpo/kl is (inf|nan); stopped before logging, evaluating or saving this iteration", line), line
     assert not (run / "metrics.jsonl").exists() or "null" not in (run / "metrics.jsonl").read_text()
+
+
+def test_an_unknown_reasoning_gym_dataset_is_named_before_any_model_loads(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "model.name=tiny-random", "task.name=reasoning-gym", "task.dataset=basic_arithmatic", f"run_dir={run}"]) == 2
+    assert one_line(capsys) == "rebelrl train: config error: task.dataset='basic_arithmatic': reasoning-gym has no such dataset (did you mean basic_arithmetic, bitwise_arithmetic, decimal_arithmetic?)"
+
+
+def test_lora_target_modules_that_match_nothing_are_named_with_the_ones_there_are(task, tmp_path, capsys):
+    assert train(task, tmp_path / "run", "model.lora_r=4", "model.lora_target_modules=qkv") == 2
+    assert one_line(capsys) == (
+        "rebelrl train: config error: model.lora_target_modules='qkv' matches no module of tiny-random; its linear layers are "
+        "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or use all-linear)"
+    )

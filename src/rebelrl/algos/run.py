@@ -549,7 +549,7 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
 
             policy = PeftModel.from_pretrained(base, checkpoint / "model", is_trainable=True)
         else:
-            policy = apply_lora(base, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+            policy = _apply_lora(base, m)
         ref = load_causal_lm(m.ref_name, m.dtype, cfg.seed) if m.ref_name else AdapterDisabled(policy)
     else:
         policy = load_causal_lm(str(checkpoint / "model") if checkpoint else m.name, m.dtype, cfg.seed)
@@ -563,6 +563,18 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
     ref.eval()
     ref.requires_grad_(False)
     return policy, ref
+
+
+def _apply_lora(base: torch.nn.Module, m) -> torch.nn.Module:
+    """LoRA on ``base``; a target spec that matches none of its modules is named with the ones there are."""
+    try:
+        return apply_lora(base, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+    except ValueError as e:
+        if "not found in the base model" not in str(e):
+            raise
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in base.named_modules() if isinstance(module, torch.nn.Linear)})
+        raise ConfigError(f"model.lora_target_modules={m.lora_target_modules!r} matches no module of {m.name}; its linear "
+                          f"layers are {', '.join(linear)} (or use all-linear)") from None
 
 
 CRITIC_FILE = "critic.safetensors"

@@ -100,7 +100,16 @@ def reasoning_gym_prompts(name: str, size: int, seed: int, instruction: str | No
     the dataset's config (its difficulty: number of terms, digits, ...).
     """
     import reasoning_gym
+    from reasoning_gym.factory import DATASETS
 
+    if name not in DATASETS:
+        import difflib
+
+        from rebelrl.config import ConfigError
+
+        close = difflib.get_close_matches(name, DATASETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else f"; the {len(DATASETS)} names include {', '.join(sorted(DATASETS)[:5])}, ..."
+        raise ConfigError(f"task.dataset={name!r}: reasoning-gym has no such dataset{hint}")
     try:
         dataset = reasoning_gym.create_dataset(name, size=size, seed=seed, **dataset_kwargs)
     except (AssertionError, TypeError) as e:  # reasoning-gym validates its configs with assert

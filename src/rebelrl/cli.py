@@ -121,8 +121,43 @@ def _without_num_processes(argv: list[str]) -> list[str]:
     return out
 
 
+def _check_hub_ids(names: dict[str, str | None]) -> None:
+    """A model name that is neither an alias nor a folder is a hub id: it must be in the local cache or
+    the hub must answer for it, checked in seconds; loading it would retry for a minute and end in a traceback."""
+    import os
+    from pathlib import Path
+
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+
+    from rebelrl.models import DEFAULT_MODEL, TINY_MODEL
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    for key, name in names.items():
+        if name is None or name in (DEFAULT_MODEL, TINY_MODEL) or Path(name).expanduser().is_dir():
+            continue
+        try:
+            if isinstance(try_to_load_from_cache(name, "config.json"), str):
+                continue
+            if offline:
+                raise ConfigError(f"{key}={name!r} is not a local folder nor in the hub cache, and HF_HUB_OFFLINE is set")
+            model_info(name, timeout=10)
+        except HFValidationError:
+            raise ConfigError(f"{key}={name!r} is neither a local folder nor a valid hub id (owner/name)") from None
+        except RepositoryNotFoundError:
+            raise ConfigError(f"{key}={name!r} is neither a local folder nor a model on the hub") from None
+        except HfHubHTTPError:
+            continue  # the hub answered (a gated or private model): loading says what it needs
+        except Exception as e:  # no network, no name resolution, a timeout: whatever the HTTP client raises
+            raise ConfigError(f"{key}={name!r} is neither a local folder nor reachable: the hub did not answer "
+                              f"({type(e).__name__}); download it to a folder and give that") from None
+
+
 def _train(cfg: TrainConfig) -> int:
     from rebelrl.algos import pg, rebel, refuel
+
+    user_model = cfg.task.user_model if cfg.task.name == "chitchat-dialogue" and cfg.task.user is None else None
+    _check_hub_ids({"model.name": cfg.model.name, "model.ref_name": cfg.model.ref_name, "task.user_model": user_model})
 
     loops = {"rebel": rebel, "online_dpo": rebel, "refuel": refuel, "rloo": pg, "grpo": pg, "ppo": pg, "astar_po": pg}
     loops[cfg.algo].train(cfg)
@@ -139,6 +174,7 @@ def _eval(cfg: EvalCommandConfig) -> int:
     from rebelrl.train.threads import pin_threads
 
     print(to_yaml(cfg), file=sys.stderr)
+    _check_hub_ids({"model": cfg.model, "baseline": cfg.baseline})
     pin_threads()
     task = build_task(cfg.task)
     reward_name, reward_fn = task_reward(task, cfg.reward)
@@ -181,6 +217,7 @@ def _generate(cfg: GenerateConfig) -> int:
     from rebelrl.train.threads import pin_threads
     from rebelrl.types import Conversation
 
+    _check_hub_ids({"model": cfg.model})
     pin_threads()
     prompts = (
         load_prompts(cfg.prompts, system_prompt=cfg.system_prompt)

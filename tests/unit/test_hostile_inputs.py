@@ -320,3 +320,19 @@ def test_lora_target_modules_that_match_nothing_are_named_with_the_ones_there_ar
         "rebelrl train: config error: model.lora_target_modules='qkv' matches no module of tiny-random; its linear layers are "
         "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or use all-linear)"
     )
+
+
+@pytest.mark.parametrize("offline", ["1", ""])
+def test_a_hub_id_that_cannot_be_reached_fails_fast_with_one_line(offline, task, tmp_path, capsys, monkeypatch):
+    """Offline, or with no network (where these tests run): one line at once, not a minute of retries
+    and a traceback. On a machine that reaches the hub the name is refused as no model there."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    start = time.perf_counter()
+    assert train(task, tmp_path / "run", "model.name=no-such-owner-rebelrl/no-such-model") == 2
+    assert time.perf_counter() - start < 30
+    line = one_line(capsys)
+    assert line.startswith("rebelrl train: config error: model.name='no-such-owner-rebelrl/no-such-model' is "), line
+    assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ Anything else is passed to ``from_pretrained`` (a local folder or a hub id).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -20,6 +21,7 @@ import shutil
 import string
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -146,7 +148,17 @@ def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, tar
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with peft_quietly():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """PEFT asks every model ``is_gradient_checkpointing``, which transformers 5.25 deprecates with a
+    FutureWarning on each run; the answer is not ours to change, so that one warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 # --- the tiny in-process model -------------------------------------------------------------------

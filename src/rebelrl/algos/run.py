@@ -41,7 +41,7 @@ from rebelrl.eval.dialogue import (
 from rebelrl.eval.evaluate import eval_metrics, eval_rows, save_sample_rows
 from rebelrl.fused import fuse_layers
 from rebelrl.logprobs import rollout_logprobs
-from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer
+from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer, peft_quietly
 from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.rollout.chat import ChatTemplateError, encode_prompt
@@ -547,7 +547,8 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
         if checkpoint is not None:
             from peft import PeftModel
 
-            policy = PeftModel.from_pretrained(base, checkpoint / "model", is_trainable=True)
+            with peft_quietly():
+                policy = PeftModel.from_pretrained(base, checkpoint / "model", is_trainable=True)
         else:
             policy = _apply_lora(base, m)
         ref = load_causal_lm(m.ref_name, m.dtype, cfg.seed) if m.ref_name else AdapterDisabled(policy)

@@ -158,7 +158,8 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, p
     stops = torch.tensor(stop_ids, device=device)
     positions = position_ids_from_mask(prompt_mask)  # (B, P)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
+    cache_name, cache = kv_cache(out)
+    logits = out.logits[:, -1]  # (B, V)
     if n > 1:
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, dim=0)
@@ -189,9 +190,16 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, p
         context = torch.cat([context, token[:, None]], dim=1)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         last_position = last_position + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last_position, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last_position, use_cache=True, **{cache_name: cache})
         logits = out.logits[:, -1]
     return tokens[:, :steps], logps[:, :steps], dropped[:, :steps]
+
+
+def kv_cache(out) -> tuple[str, object]:
+    """The KV cache a forward returned, and the keyword the model takes it back under: ``cache`` from
+    transformers 5.25 on, ``past_key_values`` before (the old name still works there, with a warning)."""
+    name = "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"
+    return name, getattr(out, name)
 
 
 class HFGenerator:

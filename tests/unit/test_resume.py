@@ -58,7 +58,7 @@ def _die_between_rename_and_pointer(monkeypatch, iteration):
 
     def write_atomic(path, text):
         if path.name == checkpoint_module.LATEST and text.strip() == f"iter-{iteration:06d}":
-            path.with_name(f".{path.name}.tmp12345").write_text(text[:3])
+            checkpoint_module.temp_path(path, 12345).write_text(text[:3])
             raise KeyboardInterrupt
         real(path, text)
 
@@ -191,19 +191,16 @@ def test_keys_the_checkpoint_was_built_from_never_change(task_dir, stopped, caps
 def test_what_counts_as_a_run_directory(tmp_path):
     from rebelrl.train.run_dir import clean_interrupted_writes, is_run_dir
 
-    legacy = tmp_path / "legacy"  # written before runs were marked: run outputs and nothing else
-    (legacy / "checkpoints").mkdir(parents=True)
-    (legacy / "metrics.jsonl").write_text("")
-    (legacy / ".eval.jsonl.tmp4242").write_text("")  # writes a kill cut short
-    (legacy / ".report.md.k2x9.tmp").write_text("")
-    assert is_run_dir(legacy)
-    clean_interrupted_writes(legacy)
-    assert sorted(p.name for p in legacy.iterdir()) == ["checkpoints", "metrics.jsonl"]
-    (legacy / "notes.txt").write_text("mine")
-    assert not is_run_dir(legacy)
-    users = tmp_path / "users"  # run-like names, but no run output
-    users.mkdir()
-    (users / "config.yaml").write_text("")
-    assert not is_run_dir(users)
-    (users / ".rebelrl-run").write_text("")
-    assert is_run_dir(users)
+    unmarked = tmp_path / "unmarked"  # run output names, but no marker: the user's, whatever they are called
+    (unmarked / "checkpoints").mkdir(parents=True)
+    (unmarked / "metrics.jsonl").write_text("")
+    assert not is_run_dir(unmarked)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".rebelrl-run").write_text("")
+    assert is_run_dir(run)
+    (run / ".eval.jsonl.4242.rebelrl-tmp").write_text("")  # writes a kill cut short
+    (run / ".report.md.k2x9ab_q.rebelrl-tmp").write_text("")
+    (run / ".notes.tmp").write_text("mine")  # a temporary-looking name rebelrl never writes
+    clean_interrupted_writes(run)
+    assert sorted(p.name for p in run.iterdir()) == [".notes.tmp", ".rebelrl-run"]

@@ -119,4 +119,4 @@ def test_resume_after_sigkill(tmp_path, monkeypatch):
     assert main([*args, "--resume"]) == 0
     assert strip_timings(read_jsonl(killed / "metrics.jsonl")) == strip_timings(read_jsonl(full / "metrics.jsonl"))
     # what the kill left half-written is cleaned up
-    assert not list((killed / "checkpoints").glob(".tmp-*")) and not list(killed.rglob(".*.tmp*"))
+    assert not list(killed.rglob("*.rebelrl-tmp"))

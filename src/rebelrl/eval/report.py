@@ -71,7 +71,7 @@ def _series(rows: list[dict[str, Any]], *keys: str) -> list[tuple[float, ...]]:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     # Readers (a dashboard, a second report call) never see a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".rebelrl-tmp")  # cleaned on resume
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

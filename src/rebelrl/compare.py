@@ -10,7 +10,11 @@ evaluation (``eval.initial_from``). A comparison that was interrupted picks up w
 finished runs are read back, a started one resumes from its last checkpoint.
 
 Output, in ``run_dir``: one folder per task with a run per method and seed, ``runs.jsonl`` (wall
-time, peak memory and final metrics of each run) and ``comparison.md`` with its plots.
+time, peak memory and final metrics of each run) and ``comparison.md`` with its plots. Each launch of
+a run appends its wall time and peak memory to the run's ``compare_launches.jsonl``; a run resumed
+after an interruption is reported with the sum of its launches' wall times and the largest peak.
+A run that fails stops the comparison with one line naming it and its log (``<run folder>.log``
+beside the run folder, the run's stderr over every launch).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import math
 import os
 import shutil
 import subprocess
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +36,17 @@ import yaml
 from matplotlib.figure import Figure
 
 from rebelrl.config import ConfigError, field, from_dict, set_dotted, to_dict
+from rebelrl.errors import UserError
 from rebelrl.eval import read_jsonl
 from rebelrl.train.config import TrainConfig
 from rebelrl.train.validate import validate
+from rebelrl.train.run_dir import is_run_dir
+
+LAUNCHES = "compare_launches.jsonl"
+
+
+class CompareError(UserError, RuntimeError):
+    """A run of the comparison that failed: the message names it, its run folder and its log."""
 
 
 @dataclass
@@ -59,6 +73,10 @@ class CompareConfig:
         if self.budget < 1 or not self.seeds:
             raise ValueError("budget must be >= 1 and seeds non-empty")
         validate(self)
+        repeated = sorted({seed for seed in self.seeds if self.seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"seeds: {', '.join(map(str, repeated))} listed more than once ({self.seeds}); each seed of a "
+                             "method is one run in its own folder, so a repeated seed would resume and replace the first run")
 
 
 @dataclass
@@ -100,6 +118,12 @@ def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
                     raise ConfigError(f"task {task['name']}, method {method['name']}: {e}") from None
                 first = first or run_dir
                 runs.append(Plan(task["name"], method["name"], seed, train_cfg, run_dir))
+    folders = {}
+    for run in runs:  # two runs in one folder: the second would resume the first and replace its results
+        other = folders.setdefault(run.run_dir, run)
+        if other is not run:
+            raise ConfigError(f"task {run.task}, method {run.method}, seed {run.seed} and task {other.task}, method "
+                              f"{other.method}, seed {other.seed} would both run in {run.run_dir}: give them different names or seeds")
     return runs
 
 
@@ -127,8 +151,11 @@ def run_all(cfg: CompareConfig, quick: bool = False, launch=None) -> Path:
         print(f"rebelrl compare: [{i}/{len(runs)}] {run.task} / {run.method} / seed {run.seed}: "
               f"{run.cfg.iterations} iterations ({run.run_dir})", file=sys.stderr, flush=True)
         seconds, peak_mb = launch(run)
+        launches = read_jsonl(run.run_dir / LAUNCHES) if (run.run_dir / LAUNCHES).exists() else []
+        if launches:  # every launch of the run, the ones an interruption cut short included
+            seconds, peak_mb = sum(r["wall_s"] for r in launches), max(r["peak_rss_mb"] for r in launches)
         record = {"task": run.task, "method": run.method, "seed": run.seed, "wall_s": seconds, "peak_rss_mb": peak_mb,
-                  "iterations": run.cfg.iterations, "completions": _completions(run.run_dir)}
+                  "launches": max(1, len(launches)), "iterations": run.cfg.iterations, "completions": _completions(run.run_dir)}
         with open(ledger, "a") as f:
             f.write(json.dumps(record) + "\n")
         if not cfg.keep_checkpoints:  # 28 runs of a 135M model would otherwise hold 45 GB
@@ -137,20 +164,78 @@ def run_all(cfg: CompareConfig, quick: bool = False, launch=None) -> Path:
 
 
 def launch_run(run: Plan) -> tuple[float, float]:
-    """Train one run in a child process (resuming it if it was started); its wall time and peak RSS."""
+    """Train one run in a child process (resuming it if it was started); its wall time and peak RSS.
+
+    The child's stderr goes to the terminal and to the run's log; the launch, finished or not, is
+    appended to the run's ``compare_launches.jsonl``."""
     run.run_dir.parent.mkdir(parents=True, exist_ok=True)
     config = run.run_dir.parent / f".{run.run_dir.name}.yaml"
     config.write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+    log = run_log(run)
     cmd = [sys.executable, "-m", "rebelrl.cli", "train", str(config)] + (["--resume"] if run.run_dir.exists() else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, env=env)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - t0
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise RuntimeError(f"rebelrl compare: {' '.join(cmd)} failed with exit code {child.returncode}")
+    with open(log, "ab") as log_file:
+        child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        tee = threading.Thread(target=_tee, args=(child.stderr, log_file), daemon=True)
+        tee.start()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except KeyboardInterrupt:  # the child got the same Ctrl-C: wait for it to save what it can
+            _, status, usage = os.wait4(child.pid, 0)
+            _record_launch(run, time.perf_counter() - t0, usage, os.waitstatus_to_exitcode(status))
+            raise
+        seconds = time.perf_counter() - t0
+        tee.join()
+    tail = _log_tail(log)
+    if tail and not tail.endswith("\n"):
+        print(file=sys.stderr)  # a progress bar the child left mid-line
+    code = os.waitstatus_to_exitcode(status)
+    _record_launch(run, seconds, usage, code)
+    if code != 0:
+        last = _last_line(log)  # the child's own one-line error, or the last line of its traceback
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}{': ' + last if last else ''}"
+        raise CompareError(f"{run.task} / {run.method} / seed {run.seed} failed ({how}); run folder {run.run_dir}, log {log}")
     return seconds, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_log(run: Plan) -> Path:
+    """The run's stderr over every launch, beside its folder (the folder itself is the run's own)."""
+    return run.run_dir.parent / f"{run.run_dir.name}.log"
+
+
+def _tee(source, log_file) -> None:
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    for chunk in iter(lambda: source.read1(65536), b""):
+        log_file.write(chunk)
+        log_file.flush()
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            sys.stderr.write(chunk.decode(errors="replace"))
+
+
+def _log_tail(log: Path) -> str:
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        return f.read().decode(errors="replace")
+
+
+def _last_line(log: Path) -> str:
+    """The last line the child wrote (its one-line error, when it failed on one), at most 300 characters."""
+    lines = [line.strip() for line in _log_tail(log).replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _record_launch(run: Plan, seconds: float, usage, code: int) -> None:
+    """Append the launch to the run's own folder, where the run marked it (a child that failed before
+    marking its folder did no work worth counting, and an unmarked folder would be refused later)."""
+    if not is_run_dir(run.run_dir):
+        return
+    record = {"wall_s": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "exit_code": code}
+    with open(run.run_dir / LAUNCHES, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _finished(run: Plan) -> bool:
@@ -193,7 +278,9 @@ def write_comparison(root: Path, runs: list[Plan]) -> Path:
         for name, fig in _figures(task, curves, ledger).items():
             fig.savefig(plots / f"{task}-{name}.png", dpi=110)
             lines += [f"![{name}](plots/{task}-{name}.png)", ""]
-    lines += ["Mean ± standard deviation across seeds. Each run's own `report.md` has its training curves.", ""]
+    lines += ["Mean ± standard deviation across seeds. Wall time is the sum over every launch of a run (one resumed after an "
+              "interruption counts its earlier launches too, work repeated since its last checkpoint included); peak RSS is the "
+              "largest of its launches. Each run's own `report.md` has its training curves.", ""]
     out = root / "comparison.md"
     out.write_text("\n".join(lines))
     print(f"rebelrl compare: {out}", file=sys.stderr)

@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rebelrl.errors import UserError
+from rebelrl.seeding import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,13 @@ def resolve_model_path(name: str) -> str:
         target = cache_dir() / "models" / DEFAULT_MODEL
         marker = target / _CONVERTED_MARKER
         if not marker.exists() or marker.read_text().strip() != _CONVERSION_VERSION:
-            _convert_smollm2(target)
+            # The conversion initialises a model before loading the weights into it, which draws from
+            # the random streams: a run that converts would sample other replies than every later run.
+            state = rng_state()
+            try:
+                _convert_smollm2(target)
+            finally:
+                set_rng_state(state)
         return str(target)
     return str(Path(name).expanduser()) if name.startswith("~") else name
 

@@ -85,3 +85,20 @@ def test_one_refuel_iteration_on_smollm2_secret_game(tmp_path):
     assert row["logp_mismatch_max"] < 1e-3
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert {"win_rate_turn_1", "win_rate_turn_2"} <= set(evals[-1])
+
+
+def test_a_run_that_converts_the_model_first_equals_a_run_that_does_not(tmp_path, monkeypatch):
+    """The first run on a fresh machine converts the embedded model (initialising a model draws random
+    numbers); its samples must still be those of every later run with the same seed and config."""
+    monkeypatch.setenv("REBELRL_CACHE", str(tmp_path / "cache"))
+    args = ["train", str(QUICKSTART), "iterations=1", "task.n_eval=4", "rollout.prompts_per_iter=4", "rollout.max_new_tokens=12",
+            "update.minibatch_size=4", "update.micro_batch_size=4"]
+    assert main([*args, f"run_dir={tmp_path / 'converting'}"]) == 0
+    assert (tmp_path / "cache" / "models" / DEFAULT_MODEL).is_dir()
+    assert main([*args, f"run_dir={tmp_path / 'converted'}"]) == 0
+
+    def rows(run, name):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in (run / name).read_text().splitlines()]
+
+    for name in ("metrics.jsonl", "eval.jsonl", "eval_samples_latest.jsonl"):
+        assert rows(tmp_path / "converting", name) == rows(tmp_path / "converted", name), name

@@ -9,7 +9,8 @@ that samples 2. The initial policy is evaluated once per task; every other run r
 evaluation (``eval.initial_from``). A comparison that was interrupted picks up where it stopped:
 finished runs are read back, a started one resumes from its last checkpoint.
 
-Output, in ``run_dir``: one folder per task with a run per method and seed, ``runs.jsonl`` (wall
+Output, in ``run_dir`` (new, empty, or marked ``.rebelrl-compare`` by an earlier comparison: a folder
+holding anything else is refused): one folder per task with a run per method and seed, ``runs.jsonl`` (wall
 time, peak memory and final metrics of each run) and ``comparison.md`` with its plots. Each launch of
 a run appends its wall time and peak memory to the run's ``compare_launches.jsonl``; a run resumed
 after an interruption is reported with the sum of its launches' wall times and the largest peak.
@@ -40,8 +41,9 @@ from rebelrl.errors import UserError
 from rebelrl.eval import read_jsonl
 from rebelrl.train.config import TrainConfig
 from rebelrl.train.validate import validate
-from rebelrl.train.run_dir import is_run_dir
+from rebelrl.train.run_dir import check_writable, is_run_dir
 
+MARKER = ".rebelrl-compare"
 LAUNCHES = "compare_launches.jsonl"
 
 
@@ -140,7 +142,7 @@ def run_all(cfg: CompareConfig, quick: bool = False, launch=None) -> Path:
     """Train every planned run not finished yet, one after another, then write the report."""
     runs = plan(cfg, quick)
     root = Path(cfg.run_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    claim(root)
     (root / "compare.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     ledger = root / "runs.jsonl"
     done = {(r["task"], r["method"], r["seed"]): r for r in read_jsonl(ledger)} if ledger.exists() else {}
@@ -161,6 +163,19 @@ def run_all(cfg: CompareConfig, quick: bool = False, launch=None) -> Path:
         if not cfg.keep_checkpoints:  # 28 runs of a 135M model would otherwise hold 45 GB
             shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
     return write_comparison(root, runs)
+
+
+def claim(root: Path) -> None:
+    """Mark ``root`` as a comparison's, as a run marks its folder: a folder that is new, empty or
+    already marked; one holding anything else (a user's own comparison.md, plots/) is refused."""
+    check_writable(root)
+    contents = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    if contents and not (root / MARKER).is_file():
+        listed = ", ".join(contents[:8]) + (f" and {len(contents) - 8} more" if len(contents) > 8 else "")
+        raise CompareError(f"run_dir {root} holds files that are not a rebelrl comparison's ({listed}) and no {MARKER} marker; "
+                           "a comparison would write compare.yaml, runs.jsonl, comparison.md and plots/ into it: choose a new or empty run_dir")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).touch()
 
 
 def launch_run(run: Plan) -> tuple[float, float]:

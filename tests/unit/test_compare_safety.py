@@ -87,3 +87,18 @@ def test_compare_counts_every_launch_of_a_resumed_run(killed_compare, capsys):
     assert record["launches"] == 2 and record["wall_s"] == pytest.approx(sum(r["wall_s"] for r in launches))
     assert record["peak_rss_mb"] == max(r["peak_rss_mb"] for r in launches) and record["completions"] == 32
     assert "Wall time is the sum over every launch of a run" in (run.parent.parent / "comparison.md").read_text()
+
+
+def test_compare_refuses_a_folder_holding_the_users_files(tmp_path, monkeypatch, capsys):
+    """run_dir=. (or any folder of the user's): compare.yaml, comparison.md and plots/ were overwritten."""
+    path = _compare_config(tmp_path, monkeypatch)
+    mine = tmp_path / "mine"
+    (mine / "plots").mkdir(parents=True)
+    (mine / "comparison.md").write_text("# my notes\n")
+    (mine / "compare.yaml").write_text("my: settings\n")
+    assert main(["compare", str(path), f"run_dir={mine}"]) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"rebelrl compare: run_dir {mine} holds files that are not a rebelrl comparison's "
+                           "(compare.yaml, comparison.md, plots) and no .rebelrl-compare marker")
+    assert sorted(p.name for p in mine.rglob("*")) == ["compare.yaml", "comparison.md", "plots"]
+    assert (mine / "comparison.md").read_text() == "# my notes\n" and (mine / "compare.yaml").read_text() == "my: settings\n"

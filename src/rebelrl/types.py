@@ -134,8 +134,14 @@ class TokenBatch:
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """One offline preference: the same prompt with a chosen and a rejected reply."""
+    """One offline preference: the same prompt with a chosen and a rejected reply.
 
-    prompt: Conversation
-    chosen: str
-    rejected: str
+    A batch of pairs is ``(B, 2)``: column 0 the chosen reply y_w, column 1 the rejected y_l.
+    """
+
+    prompt: Conversation  # x: the messages before the reply, ending with the user's turn
+    chosen: str  # y_w: the preferred assistant reply, plain text (the template adds its turn tokens)
+    rejected: str  # y_l: the dispreferred assistant reply to the same prompt
+    margin: float | None = None  # r(x, y_w) - r(x, y_l) from a reward model, where the data gives one; finite
+    # The row's other columns (chosen_score, rejected_score, an id, ...): not shown to the model.
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)

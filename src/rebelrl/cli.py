@@ -1,6 +1,6 @@
-"""``rebelrl train|eval|generate|compare CONFIG.yaml key.sub=value ...``
+"""``rebelrl train|eval|generate|compare|pairs CONFIG.yaml key.sub=value ...``
 
-Each command reads one YAML file (optional for eval and generate) plus dotted overrides, prints the
+Each command reads one YAML file (optional for eval, generate and pairs) plus dotted overrides, prints the
 resolved config and refuses unknown keys, wrong types and meaningless values before any model is
 loaded. A mistake in what the user gave (``UserError``: config, data, reward, env, run directory)
 ends the command with one line and exit code 2; Ctrl-C with what was saved and exit code 130.
@@ -22,9 +22,9 @@ from rebelrl.compare import CompareConfig
 from rebelrl.config import ConfigError, describe, load_config, to_yaml
 from rebelrl.errors import UserError
 from rebelrl.imports import user_code_context
-from rebelrl.train.config import EvalCommandConfig, GenerateConfig, TrainConfig
+from rebelrl.train.config import EvalCommandConfig, GenerateConfig, PairsConfig, TrainConfig
 
-COMMANDS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig, "compare": CompareConfig}
+COMMANDS = {"train": TrainConfig, "eval": EvalCommandConfig, "generate": GenerateConfig, "compare": CompareConfig, "pairs": PairsConfig}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_all(cfg, quick=ns.quick)
             return 0
-        return {"train": _train, "eval": _eval, "generate": _generate}[ns.command](cfg)
+        return {"train": _train, "eval": _eval, "generate": _generate, "pairs": _pairs}[ns.command](cfg)
     except ConfigError as e:
         print(f"rebelrl {ns.command}: config error: {e}", file=sys.stderr)
         return 2
@@ -240,6 +240,15 @@ def _generate(cfg: GenerateConfig) -> int:
     finally:
         if cfg.output:
             out.close()
+    return 0
+
+
+def _pairs(cfg: PairsConfig) -> int:
+    from rebelrl.data.make_pairs import make_pairs, summary_line
+
+    print(to_yaml(cfg), file=sys.stderr)
+    _check_hub_ids({"model": cfg.model})
+    print(summary_line(make_pairs(cfg)))
     return 0
 
 

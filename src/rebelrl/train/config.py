@@ -278,3 +278,29 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+
+
+@dataclass
+class PairsConfig:
+    model: str = field(DEFAULT_MODEL, "model that samples the replies (alias, folder, hub id)")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", "parameter dtype")
+    task: TaskConfig = field(TaskConfig())
+    reward: RewardConfig = field(RewardConfig())
+    split: Literal["train", "eval", "all"] = field("train", "which of the task's prompts get pairs: training, held-out, or both")
+    samples_per_prompt: int = field(4, "replies sampled per prompt (k); the best and the worst make the pair")
+    temperature: float = field(0.7, "sampling temperature")
+    top_p: float = field(1.0, "nucleus sampling; 1 disables")
+    top_k: int = field(0, "top-k sampling; 0 disables")
+    repetition_penalty: float = field(1.0, "penalty on tokens already in the context; 1 disables")
+    max_new_tokens: int = field(64, "token budget per reply")
+    batch_size: int = field(16, "prompts per generate call")
+    seed: int = field(0, "sampling seed (and the seed of the Bradley-Terry labels)")
+    bt_beta: float | None = field(
+        None, "null: chosen = the best-scored reply, rejected = the worst; a number: Bradley-Terry labels, the best chosen "
+        "with probability sigmoid(bt_beta * (s_best - s_worst)), else the two swapped"
+    )
+    output: str | None = field(None, "the pairs file to write (.jsonl); required")
+    overwrite: bool = field(False, "replace output if it exists (otherwise an existing file is refused)")
+
+    def __post_init__(self) -> None:
+        validate(self)

@@ -132,6 +132,9 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
     "EvalCommandConfig": {**SAMPLER, "temperature": Range(0, why="0 is greedy"), "seed": SEED},
     "GenerateConfig": {**SAMPLER, "n": AT_LEAST_ONE, "temperature": Range(0, why="0 is greedy"), "seed": SEED},
     "CompareConfig": {"budget": AT_LEAST_ONE, "threads": Range(1, why="null leaves each run's own default")},
+    "PairsConfig": {**SAMPLER, "samples_per_prompt": Range(2, why="a pair needs two replies"), "seed": SEED,
+                    "temperature": Range(0, low_open=True, why="greedy decoding would make the replies of a prompt one reply"),
+                    "bt_beta": Range(0, why="0 labels by a coin flip; null labels by score")},
 }
 
 
@@ -311,7 +314,20 @@ def _compare_relations(cfg) -> None:
                           "with none, nothing would be compared")
 
 
+def _pairs_relations(cfg) -> None:
+    from rebelrl.models import check_model_path
+
+    if not cfg.output or not cfg.output.endswith(".jsonl"):
+        raise ConfigError(f"output={cfg.output!r}: expected the path of the pairs file to write, ending in .jsonl")
+    if cfg.task.name not in ("chitchat-warm", "reasoning-gym", "prompts"):
+        raise ConfigError(f"task.name={cfg.task.name}: pairs are made from single-turn prompts (task.name=chitchat-warm, "
+                          "reasoning-gym or prompts)")
+    _task_relations(cfg.task)
+    _check_models(check_model_path, {"model": cfg.model})
+
+
 RELATIONS: dict[str, Callable[[Any], None]] = {
+    "PairsConfig": _pairs_relations,
     "TrainConfig": _train_relations,
     "CompareConfig": _compare_relations,
     "EvalCommandConfig": _eval_command_relations,

@@ -154,12 +154,13 @@ def _check_hub_ids(names: dict[str, str | None]) -> None:
 
 
 def _train(cfg: TrainConfig) -> int:
-    from rebelrl.algos import pg, rebel, refuel
+    from rebelrl.algos import offline, pg, rebel, refuel
 
     user_model = cfg.task.user_model if cfg.task.name == "chitchat-dialogue" and cfg.task.user is None else None
     _check_hub_ids({"model.name": cfg.model.name, "model.ref_name": cfg.model.ref_name, "task.user_model": user_model})
 
-    loops = {"rebel": rebel, "online_dpo": rebel, "refuel": refuel, "rloo": pg, "grpo": pg, "ppo": pg, "astar_po": pg}
+    loops = {"rebel": rebel, "online_dpo": rebel, "refuel": refuel, "rloo": pg, "grpo": pg, "ppo": pg, "astar_po": pg,
+             "dpo": offline, "hypo": offline, "sft": offline, "reward_model": offline}
     loops[cfg.algo].train(cfg)
     return 0
 

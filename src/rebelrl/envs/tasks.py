@@ -27,6 +27,10 @@ class Task:
     # Where each prompt came from ("data.jsonl, line 3"), when it came from a file: errors name it.
     train_rows: list[str] = field(default_factory=list)
     eval_rows: list[str] = field(default_factory=list)
+    # Offline data, row for row with train / eval: PreferencePairs, or demonstrations (Conversations ending
+    # with the assistant's reply); None for tasks that are prompts alone. train / eval then hold the rows' prompts.
+    train_data: list | None = None
+    eval_data: list | None = None
 
     def where(self, split: str, i: int) -> str:
         """How an error names prompt ``i`` of ``split`` ("train" or "eval")."""
@@ -76,6 +80,8 @@ def build_task(cfg) -> Task:
             Path(cfg.prompts).stem, [c for _, c in train], [c for _, c in held_out], None,
             train_rows=[w for w, _ in train], eval_rows=[w for w, _ in held_out],
         )
+    if cfg.name in ("preferences", "demonstrations"):
+        return _data_task(cfg)
     if cfg.name == "chitchat-dialogue":
         from rebelrl.envs.base import CheckedEnv, UserEnv, load_user_simulator
         from rebelrl.envs.users import LMUser
@@ -95,6 +101,35 @@ def build_task(cfg) -> Task:
         reward = {"secret": "rebelrl.envs.secret:secret_reward", "guess-number": "rebelrl.envs.numbers:number_reward"}.get(cfg.name)
         return Task(cfg.env if cfg.name == "env" else cfg.name, train, held_out, reward, env)
     raise ConfigError(f"task.name: unknown task {cfg.name!r}")
+
+
+def _data_task(cfg) -> Task:
+    """Preference pairs or demonstrations; held-out rows from ``task.eval_data`` or split off ``task.data``."""
+    from rebelrl.data import load_demonstration_rows, load_preference_rows
+
+    load = load_preference_rows if cfg.name == "preferences" else load_demonstration_rows
+    rows = [(where, row) for row, where in zip(*load(cfg.data))]
+    if cfg.eval_data:
+        held_out = [(where, row) for row, where in zip(*load(cfg.eval_data))][: cfg.n_eval]
+        train = rows
+    else:
+        train, held_out = _split(rows, cfg.n_eval, f"task.data={cfg.data}")
+    train = train[: cfg.n_train]
+
+    def prompt(row):
+        return row.prompt if cfg.name == "preferences" else _before_last_reply(row)
+
+    return Task(
+        Path(cfg.data).stem if not cfg.data.startswith("hf:") else cfg.data, [prompt(r) for _, r in train], [prompt(r) for _, r in held_out], None,
+        train_rows=[w for w, _ in train], eval_rows=[w for w, _ in held_out],
+        train_data=[r for _, r in train], eval_data=[r for _, r in held_out],
+    )
+
+
+def _before_last_reply(conversation: Conversation) -> Conversation:
+    """A demonstration's prompt: the conversation before its last assistant message."""
+    last = max(i for i, m in enumerate(conversation.messages) if m.role == "assistant")
+    return Conversation(conversation.messages[:last], conversation.meta)
 
 
 def _build_env(cfg):

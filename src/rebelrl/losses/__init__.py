@@ -11,17 +11,20 @@ from rebelrl.losses.policy_gradient import (
     token_mean,
     value_loss,
 )
+from rebelrl.losses.offline import bradley_terry_loss, hypo_kl_loss, sft_loss
 from rebelrl.losses.preference import chipo_loss, dpo_loss, ipo_loss
 from rebelrl.losses.rebel import rebel_loss
 
 __all__ = [
     "astar_po_loss",
     "astar_values",
+    "bradley_terry_loss",
     "chipo_loss",
     "clipped_policy_loss",
     "dpo_loss",
     "gae",
     "group_normalized_advantages",
+    "hypo_kl_loss",
     "grpo_loss",
     "ipo_loss",
     "kl_k1",
@@ -31,6 +34,7 @@ __all__ = [
     "rloo_loss",
     "seq_mean_token_mean",
     "seq_mean_token_sum_norm",
+    "sft_loss",
     "token_mean",
     "value_loss",
     "whiten",

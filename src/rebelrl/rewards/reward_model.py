@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from rebelrl.rollout.chat import encode_chat
 from rebelrl.types import Conversation
 
 
@@ -94,32 +95,44 @@ class RewardModelScorer:
             model = model.to(device)
         return cls(model, tokenizer, batch_size=batch_size, max_length=max_length, device=device)
 
-    def _encode(self, conversations: list[Conversation]) -> list[list[int]]:
-        texts = [render(c, self.tokenizer) for c in conversations]
-        # A rendered chat template already holds its special tokens (BOS); adding them would double them.
-        templated = bool(getattr(self.tokenizer, "chat_template", None))
-        encoded = self.tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+    def encode(self, conversations: list[Conversation]) -> list[list[int]]:
+        """The token ids the model reads for each conversation (what ``algo=reward_model`` trains on)."""
+        if getattr(self.tokenizer, "chat_template", None):
+            # A rendered template already holds its special tokens (BOS); message text never becomes one.
+            encoded = [encode_chat(self.tokenizer, c.to_chat()) for c in conversations]
+        else:
+            encoded = self.tokenizer([render(c, self.tokenizer) for c in conversations])["input_ids"]
         return [list(ids)[-self.max_length :] for ids in encoded]
 
-    @torch.no_grad()
-    def _score_batch(self, sequences: list[list[int]]) -> list[float]:
+    def scores(self, sequences: list[list[int]], model: Any = None) -> torch.Tensor:
+        """(B,) float32 scores of token sequences, on the model's device, differentiable: the reward
+        model's forward as training and scoring both run it (``model``: a wrapper of the same model
+        whose backward averages gradients across processes, else the scorer's own)."""
+        model = model if model is not None else self.model
         head = getattr(self.model, "score", None)
         if not isinstance(head, torch.nn.Module):
             input_ids, mask = pad_sequences(sequences, self.pad_id, "right")
-            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            return logits[:, 0].float().cpu().tolist()  # (B,)
+            logits = model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            return logits[:, 0].float()  # (B,)
         side = getattr(self.tokenizer, "padding_side", "right")
         input_ids, mask = pad_sequences(sequences, self.pad_id, side)  # (B, L)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, L) 0 at the first real token
-        base = getattr(self.model, self.model.base_model_prefix)
-        hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)[0]  # (B, L, H)
+        if model is not self.model:  # a wrapper: its forward, with the model's own last-token pooling read back below
+            hidden = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True).hidden_states[-1]
+        else:
+            base = getattr(self.model, self.model.base_model_prefix)
+            hidden = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)[0]  # (B, L, H)
         index = last_token_index(mask)  # (B,)
         last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
-        return head(last_hidden)[:, 0].float().cpu().tolist()  # (B,)
+        return head(last_hidden)[:, 0].float()  # (B,)
+
+    @torch.no_grad()
+    def _score_batch(self, sequences: list[list[int]]) -> list[float]:
+        return self.scores(sequences).cpu().tolist()
 
     def __call__(self, conversations: list[Conversation]) -> list[float]:
-        sequences = self._encode(conversations)
+        sequences = self.encode(conversations)
         scores: list[float] = []
         for start in range(0, len(sequences), self.batch_size):
             scores.extend(self._score_batch(sequences[start : start + self.batch_size]))

@@ -99,6 +99,34 @@ def encode_dialogue(tokenizer: PreTrainedTokenizerBase, conversation: Conversati
     return ids, spans
 
 
+@dataclass
+class Encoded:
+    """One row of offline data as the loss reads it: the tokens before its first reply (what a
+    sampler would be prompted with), the rest, and which of the rest the loss reads."""
+
+    prompt: list[int]
+    completion: list[int]
+    targets: list[int]  # (len(completion),) 1 on assistant tokens (reply and turn terminator), 0 on user turns between them
+
+
+def encode_reply(tokenizer: PreTrainedTokenizerBase, prompt: Conversation, reply: str) -> Encoded:
+    """``reply`` as the assistant's answer to ``prompt``: its tokens and the turn terminator, exactly as
+    the template renders them after the prompt, as the sampler would have produced them."""
+    ids, spans = encode_dialogue(tokenizer, prompt.with_reply(reply))
+    start, end = spans[-1]
+    return Encoded(ids[:start], ids[start:end], [1] * (end - start))
+
+
+def encode_demonstration(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> Encoded:
+    """Every assistant turn of a demonstration as targets, the turns between them as context."""
+    ids, spans = encode_dialogue(tokenizer, conversation)
+    first, last = spans[0][0], spans[-1][1]
+    targets = [0] * (last - first)
+    for start, end in spans:
+        targets[start - first : end - first] = [1] * (end - start)
+    return Encoded(ids[:first], ids[first:last], targets)
+
+
 def turn_mask(spans: list[tuple[int, int]], turn: int, length: int) -> torch.Tensor:
     """(length,) mask that is 1 exactly on the tokens of assistant turn ``turn`` (1-based)."""
     mask = torch.zeros(length, dtype=torch.long)

@@ -29,14 +29,18 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["chitchat-warm", "reasoning-gym", "prompts", "chitchat-dialogue", "secret", "guess-number", "env"] = field(
+    name: Literal["chitchat-warm", "reasoning-gym", "prompts", "chitchat-dialogue", "secret", "guess-number", "env", "preferences",
+                  "demonstrations"] = field(
         "chitchat-warm",
         "chitchat-warm: reply warmly to opening lines of real chats (VADER reward); reasoning-gym: a "
         "reasoning-gym dataset with its answer checker; prompts: your own prompt file; chitchat-dialogue: "
         "multi-turn chitchat-warm with a simulated user; secret: multi-turn, find the user's secret animal "
         "by asking questions; guess-number: multi-turn, find the user's number from higher/lower answers (and hints, with task.hints); "
-        "env: your own multi-turn Env (task.env)",
+        "env: your own multi-turn Env (task.env); preferences: a file of (prompt, chosen, rejected) pairs (task.data; algo dpo, hypo, "
+        "reward_model); demonstrations: a file of chats or prompt/completion rows (task.data; algo sft)",
     )
+    data: str | None = field(None, "task=preferences/demonstrations: the training rows (.jsonl, .parquet, a saved datasets folder, or hf:NAME[:SPLIT])")
+    eval_data: str | None = field(None, "task=preferences/demonstrations: held-out rows; null = split n_eval rows off task.data")
     prompts: str | None = field(None, "task=prompts: training prompts (.jsonl, .parquet, a saved datasets folder, or hf:NAME[:SPLIT])")
     eval_prompts: str | None = field(None, "task=prompts: held-out prompts; null = split n_eval rows off the training prompts")
     prompt_field: str = field("prompt", "column holding the prompt text")
@@ -94,7 +98,7 @@ class RolloutConfig:
 
 @dataclass
 class UpdateConfig:
-    epochs: int | None = field(None, "passes over each iteration's samples; null = the method's: 1 for astar_po (as its authors and TRL), 4 otherwise")
+    epochs: int | None = field(None, "passes over each iteration's samples; null = the method's: 1 for astar_po (as its authors and TRL) and the offline methods, 4 otherwise")
     minibatch_size: int = field(8, "pairs (rebel, refuel, online_dpo) or completions (rloo, grpo, ppo, astar_po) per optimizer step")
     micro_batch_size: int = field(8, "the same, per forward/backward (gradient accumulation = minibatch / micro)")
 
@@ -123,6 +127,24 @@ class OnlineDpoConfig:
     loss: Literal["dpo", "ipo", "chipo"] = field("dpo", "pair loss on each prompt's best vs worst completion: DPO, IPO (per-token averaged) or chi-PO")
     beta: float = field(0.1, "the loss's beta (IPO: tau)")
     r_max: float | None = field(None, "loss=chipo: the paper's reward bound; the margin is clipped to [-2 r_max, 2 r_max]; null = no clip")
+
+
+@dataclass
+class DpoConfig:
+    loss: Literal["sigmoid", "ipo", "chipo"] = field("sigmoid", "sigmoid: DPO; ipo: IPO on per-token averaged log-ratios; chipo: chi-PO (link z + log z)")
+    beta: float = field(0.1, "the loss's beta (IPO: tau); TRL's default 0.1")
+    r_max: float | None = field(None, "loss=chipo: the paper's reward bound; the margin is clipped to [-2 r_max, 2 r_max]; null = no clip")
+
+
+@dataclass
+class HypoConfig:
+    kl_coef: float = field(0.1, "the paper's lambda: weight of KL(pi || pi_ref), estimated on fresh samples of the policy")
+
+
+@dataclass
+class RewardModelConfig:
+    center_coef: float = field(0.01, "weight of mean((r+ + r-)^2), which keeps the scores centred at 0 (TRL's center_rewards_coefficient)")
+    use_margin: bool = field(True, "subtract the data's margin column from r+ - r- where the rows have one")
 
 
 @dataclass
@@ -188,15 +210,19 @@ class CheckpointConfig:
     keep_last: int = field(2, "checkpoints kept (older ones are deleted after a newer one is complete); 0 keeps all")
 
 
-# Passes over an iteration's samples where update.epochs is not set: A*-PO's authors (and TRL) make one.
-DEFAULT_EPOCHS = {"astar_po": 1}
+# Passes over an iteration's samples where update.epochs is not set: A*-PO's authors (and TRL) make one;
+# an offline method's iteration is one step on its minibatch.
+DEFAULT_EPOCHS = {"astar_po": 1, "dpo": 1, "hypo": 1, "sft": 1, "reward_model": 1}
+OFFLINE_ALGOS = ("dpo", "hypo", "sft", "reward_model")
 
 
 @dataclass
 class TrainConfig:
-    algo: Literal["rebel", "refuel", "online_dpo", "rloo", "grpo", "ppo", "astar_po"] = field(
+    algo: Literal["rebel", "refuel", "online_dpo", "rloo", "grpo", "ppo", "astar_po", "dpo", "hypo", "sft", "reward_model"] = field(
         "rebel", "rebel: single-turn prompts; refuel: multi-turn dialogues (task=chitchat-dialogue, secret, guess-number or env); "
-        "online_dpo, rloo, grpo, ppo, astar_po: the single-turn methods REBEL is compared with, on the same loop"
+        "online_dpo, rloo, grpo, ppo, astar_po: the single-turn methods REBEL is compared with, on the same loop; "
+        "dpo, hypo, reward_model (task=preferences) and sft (task=demonstrations): offline methods on a dataset, an iteration "
+        "being one optimizer step on update.minibatch_size rows"
     )
     run_dir: str = field("runs/rebel", "output folder: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, report.md, plots/")
     iterations: int = field(10, "collect -> score -> update rounds")
@@ -222,6 +248,9 @@ class TrainConfig:
     grpo: GrpoConfig = field(GrpoConfig())
     ppo: PpoConfig = field(PpoConfig())
     astar: AstarConfig = field(AstarConfig())
+    dpo: DpoConfig = field(DpoConfig())
+    hypo: HypoConfig = field(HypoConfig())
+    reward_model: RewardModelConfig = field(RewardModelConfig())
     optim: OptimConfig = field(OptimConfig())
     eval: EvalConfig = field(EvalConfig())
     checkpoint: CheckpointConfig = field(CheckpointConfig())

@@ -109,6 +109,9 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
     },
     "RefuelConfig": {"beta": POSITIVE},
     "OnlineDpoConfig": {"beta": POSITIVE, "r_max": POSITIVE},
+    "DpoConfig": {"beta": POSITIVE, "r_max": POSITIVE},
+    "HypoConfig": {"kl_coef": NON_NEGATIVE},
+    "RewardModelConfig": {"center_coef": NON_NEGATIVE},
     "RlooConfig": {"kl_coef": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True)},
     "GrpoConfig": {"beta": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True), "clip_eps_high": POSITIVE},
     "PpoConfig": {"kl_coef": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True), "value_clip": POSITIVE,
@@ -200,8 +203,9 @@ def _train_relations(cfg) -> None:
         raise ConfigError(
             f"update.minibatch_size={cfg.update.minibatch_size} must be a multiple of update.micro_batch_size={cfg.update.micro_batch_size}"
         )
+    _offline_relations(cfg)
     multi_turn = cfg.task.name in ("chitchat-dialogue", "secret", "guess-number", "env")
-    if (cfg.algo == "refuel") != multi_turn:
+    if (cfg.algo == "refuel") != multi_turn and cfg.task.name not in DATA_TASKS:
         raise ConfigError(
             f"algo={cfg.algo} with task.name={cfg.task.name}: algo=refuel trains on multi-turn tasks "
             f"(task.name=chitchat-dialogue, secret, guess-number or env), algo={cfg.algo} on single-turn ones"
@@ -238,6 +242,29 @@ def _train_relations(cfg) -> None:
         _check_models(check_model_path, {"task.user_model": cfg.task.user_model})
 
 
+# The data each offline method trains on; the online methods train on prompts and never read task.data.
+DATA_TASKS = {"preferences": ("dpo", "hypo", "reward_model"), "demonstrations": ("sft",)}
+
+
+def _offline_relations(cfg) -> None:
+    readers = DATA_TASKS.get(cfg.task.name, ())
+    wanted = next((task for task, algos in DATA_TASKS.items() if cfg.algo in algos), None)
+    if wanted is not None and cfg.task.name != wanted:
+        raise ConfigError(f"algo={cfg.algo} trains on a data file: set task.name={wanted} and task.data=FILE (task.name={cfg.task.name} has none)")
+    if readers and cfg.algo not in readers:
+        raise ConfigError(f"task.name={cfg.task.name} is data for algo={' or '.join(readers)}; algo={cfg.algo} samples from prompts "
+                          "(task.name=prompts reads the prompts of a file)")
+    if readers and not cfg.task.data:
+        raise ConfigError(f"task.name={cfg.task.name} needs task.data: a .jsonl/.parquet file, a datasets folder or hf:NAME[:SPLIT]")
+    if cfg.algo == "reward_model" and cfg.model.lora_r > 0:
+        raise ConfigError("algo=reward_model trains the whole network and its score head: set model.lora_r=0")
+    if cfg.algo == "hypo" and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError("algo=hypo estimates the KL's gradient with a leave-one-out baseline: rollout.samples_per_prompt must be >= 2")
+    if cfg.dpo.r_max is not None and cfg.dpo.loss != "chipo":
+        raise ConfigError(f"dpo.r_max={cfg.dpo.r_max:g} clips chi-PO's margin only: with dpo.loss={cfg.dpo.loss} it would be ignored; "
+                          "set dpo.loss=chipo or r_max=null")
+
+
 def _train_settings_that_would_be_ignored(cfg) -> None:
     """Values the run would accept and never use: refused, so that no one reads results as theirs."""
     m = cfg.model
@@ -260,6 +287,7 @@ _TASK_FIELDS = {
     "user": ("chitchat-dialogue",), "user_kwargs": ("chitchat-dialogue",),
     "dataset_kwargs": ("reasoning-gym",), "instruction": ("reasoning-gym",),
     "items": ("secret",),
+    "data": ("preferences", "demonstrations"), "eval_data": ("preferences", "demonstrations"),
 }
 
 

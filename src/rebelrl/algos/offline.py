@@ -1,0 +1,400 @@
+"""Offline methods on a dataset: DPO, IPO and chi-PO on preference pairs, HyPO (the same plus a KL to
+the reference on the policy's own fresh samples), SFT on demonstrations, and reward models on pairs.
+
+One iteration, top to bottom:
+    rows   -> the iteration's ``update.minibatch_size`` rows of the data: consecutive slices of an
+              endless stream of shuffled epochs, this process's share (a resumed run reads the same rows)
+    sample -> HyPO only: ``rollout.samples_per_prompt`` replies of the policy to each row's prompt
+    update -> ``update.epochs`` passes over the rows in micro-batches: the method's pure loss, exact
+              gradient accumulation, clipping, AdamW, one optimizer step a pass
+    log    -> metrics.jsonl; every ``eval.every`` iterations the held-out rows (pair accuracy and margin,
+              or held-out loss), and when a reward is named, the held-out prompts sampled and judged
+
+What differs between the methods is an ``Objective``: what a micro-batch of rows costs and what the
+held-out rows measure. The run directory, checkpoints, resume, evaluation and report are ``Run``'s.
+Reference log-probs of the pairs are computed once, before the first step, and kept in the run
+directory (``ref_logps.safetensors``), so epochs and resumed runs never compute them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rebelrl.algos.run import Run, encode_row
+from rebelrl.logprobs import completion_logprobs, rollout_logprobs
+from rebelrl.losses import bradley_terry_loss, chipo_loss, dpo_loss, hypo_kl_loss, ipo_loss, sft_loss
+from rebelrl.rewards.reward_model import RewardModelScorer
+from rebelrl.rollout.dialogue import Encoded
+from rebelrl.train.checkpoint import TEMP_SUFFIX
+from rebelrl.train.config import TrainConfig
+from rebelrl.train.memory import release_free_memory
+from rebelrl.types import Conversation, PreferencePair
+
+REF_CACHE = "ref_logps.safetensors"
+
+
+# --- data as tensors -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """One split of the data, tokenised: each row's sequences (a pair's chosen and rejected, or one
+    demonstration), and for the pair methods the reference's log-probs of each."""
+
+    rows: list  # PreferencePair or Conversation, as read
+    encoded: list[tuple[Encoded, ...]]
+    ref_logps: torch.Tensor | None = None  # (N, 2) log pi_ref(y|x) of chosen and rejected, summed over the reply
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sequences(self, rows: torch.Tensor) -> list[Encoded]:
+        """The sequences of ``rows``, row-major: a pair's chosen then rejected."""
+        return [e for i in rows.tolist() for e in self.encoded[i]]
+
+    def lengths(self) -> torch.Tensor:
+        """(N,) tokens of each row's longest sequence, to group rows of similar length."""
+        return torch.tensor([max(len(e.prompt) + len(e.completion) for e in enc) for enc in self.encoded])
+
+
+def batch_tensors(sequences: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Prompts left-padded (n, P), completions right-padded (n, T): ids, masks, and (n, T) targets."""
+    P = max(len(e.prompt) for e in sequences)
+    T = max(len(e.completion) for e in sequences)
+    prompt_ids = torch.full((len(sequences), P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(sequences), P), dtype=torch.long)
+    completion_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    targets = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, e in enumerate(sequences):
+        if e.prompt:
+            prompt_ids[i, P - len(e.prompt):] = torch.tensor(e.prompt)
+            prompt_mask[i, P - len(e.prompt):] = 1
+        completion_ids[i, : len(e.completion)] = torch.tensor(e.completion)
+        completion_mask[i, : len(e.completion)] = 1
+        targets[i, : len(e.targets)] = torch.tensor(e.targets)
+    return tuple(t.to(device) for t in (prompt_ids, prompt_mask, completion_ids, completion_mask, targets))
+
+
+def token_logps(model, sequences: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, T) log pi(a_t | s_t) at temperature 1 of every completion token, 0 on padding, and (n, T) targets."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask, targets = batch_tensors(sequences, pad_id, device)
+    return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 1.0), targets
+
+
+def pair_logps(model, split: Split, rows: torch.Tensor, pad_id: int, device) -> torch.Tensor:
+    """(m, 2) log pi(y|x) of chosen and rejected of each of ``rows``, summed over the reply's tokens."""
+    logps, targets = token_logps(model, split.sequences(rows), pad_id, device)
+    return (logps * targets).sum(1).view(-1, 2)
+
+
+@torch.no_grad()
+def reference_logps(run: Run, split: Split, batch_size: int) -> torch.Tensor:
+    """(N, 2) log pi_ref of every pair of ``split``, a batch of rows of similar length at a time."""
+    device = run.processes.device
+    out = torch.zeros(len(split), 2, device=device)
+    for rows in split.lengths().argsort(stable=True).split(batch_size):
+        out[rows.to(device)] = pair_logps(run.ref, split, rows, run.tokenizer.pad_token_id, device)
+    return out
+
+
+def cached_reference_logps(run: Run, splits: dict[str, Split]) -> None:
+    """Fill each split's ``ref_logps``: from the run directory when it holds those of the same data and
+    reference, else computed now (once) and saved there."""
+    m = run.cfg.model
+    key = hashlib.sha256(repr((m.ref_name or m.name, m.dtype, m.lora_r > 0,
+                               {name: [[(e.prompt, e.completion) for e in enc] for enc in s.encoded] for name, s in splits.items()})).encode()).hexdigest()
+    path = run.run_dir / REF_CACHE
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            saved_key = (f.metadata() or {}).get("key")
+        if saved_key == key:
+            saved = load_file(str(path), device=str(run.processes.device))
+            for name, split in splits.items():
+                split.ref_logps = saved[name]
+            run.say(f"rebelrl: reference log-probs of {sum(len(s) for s in splits.values())} pairs read from {path}")
+            return
+    t0 = time.perf_counter()
+    for split in splits.values():
+        split.ref_logps = reference_logps(run, split, run.cfg.update.micro_batch_size)
+    if run.processes.is_main:
+        tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+        save_file({name: s.ref_logps.contiguous().cpu() for name, s in splits.items()}, str(tmp), metadata={"key": key})
+        tmp.replace(path)
+    run.processes.wait()
+    run.say(f"rebelrl: reference log-probs of {sum(len(s) for s in splits.values())} pairs computed once "
+            f"({time.perf_counter() - t0:.1f} s) and kept in {path}")
+
+
+# --- what each method costs -------------------------------------------------------------------------
+
+
+@dataclass
+class Objective:
+    """A method: the loss of a micro-batch of rows, and what the held-out rows measure.
+
+    ``loss(run, split, rows (m,)) -> (loss, metrics)`` is a mean over the micro-batch's units (pairs,
+    or target tokens where ``per_token``); ``held_out(run, split) -> metrics`` on the held-out rows."""
+
+    loss: Callable
+    held_out: Callable
+    per_token: bool = False
+
+
+def pair_loss(cfg: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]:
+    """``(logps (m, 2), ref_logps (m, 2), lengths (m, 2)) -> (loss, metrics)`` for ``dpo.loss``."""
+    d = cfg.dpo
+    return {
+        "sigmoid": lambda logps, ref, lengths: dpo_loss(logps, ref, d.beta),
+        "ipo": lambda logps, ref, lengths: ipo_loss(logps, ref, d.beta, lengths),
+        "chipo": lambda logps, ref, lengths: chipo_loss(logps, ref, d.beta, d.r_max),
+    }[d.loss]
+
+
+def preference_metrics(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> dict[str, float]:
+    """TRL's names for what users read: the implicit rewards beta * log pi/pi_ref of chosen and
+    rejected (summed over the reply), their margin, the fraction ranked right, and the log-probs."""
+    rewards = beta * (logps.detach() - ref_logps)  # (m, 2)
+    return {
+        "rewards/chosen": rewards[:, 0].mean().item(),
+        "rewards/rejected": rewards[:, 1].mean().item(),
+        "rewards/margins": (rewards[:, 0] - rewards[:, 1]).mean().item(),
+        "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
+        "logps/chosen": logps[:, 0].detach().mean().item(),
+        "logps/rejected": logps[:, 1].detach().mean().item(),
+    }
+
+
+def _lengths(split: Split, rows: torch.Tensor, device) -> torch.Tensor:
+    return torch.tensor([[sum(e.targets) for e in split.encoded[i]] for i in rows.tolist()], device=device)  # (m, 2)
+
+
+def preference_objective(cfg: TrainConfig) -> Objective:
+    loss_of = pair_loss(cfg)
+
+    def loss(run: Run, split: Split, rows: torch.Tensor):
+        device = run.processes.device
+        logps = pair_logps(run.learner, split, rows, run.tokenizer.pad_token_id, device)  # (m, 2)
+        ref = split.ref_logps[rows.to(device)]
+        value, metrics = loss_of(logps, ref, _lengths(split, rows, device))
+        return value, {**metrics, **preference_metrics(logps, ref, cfg.dpo.beta)}
+
+    @torch.no_grad()
+    def held_out(run: Run, split: Split):
+        device, parts = run.processes.device, []
+        for rows in torch.arange(len(split)).split(cfg.update.micro_batch_size):
+            logps = pair_logps(run.policy, split, rows, run.tokenizer.pad_token_id, device)
+            parts.append((logps, split.ref_logps[rows.to(device)], _lengths(split, rows, device)))
+        logps, ref, lengths = (torch.cat(t) for t in zip(*parts))
+        value, _ = loss_of(logps, ref, lengths)
+        return {"loss": value.item(), **preference_metrics(logps, ref, cfg.dpo.beta), "n_pairs": len(split)}
+
+    return Objective(loss, held_out)
+
+
+def sft_objective(cfg: TrainConfig) -> Objective:
+    def loss(run: Run, split: Split, rows: torch.Tensor):
+        logps, targets = token_logps(run.learner, split.sequences(rows), run.tokenizer.pad_token_id, run.processes.device)
+        value, metrics = sft_loss(logps, targets)
+        return value, {**metrics, "mean_token_accuracy": _token_accuracy(run, split.sequences(rows))}
+
+    @torch.no_grad()
+    def held_out(run: Run, split: Split):
+        nll, tokens, right = 0.0, 0, 0.0
+        for rows in torch.arange(len(split)).split(cfg.update.micro_batch_size):
+            sequences = split.sequences(rows)
+            logps, targets = token_logps(run.policy, sequences, run.tokenizer.pad_token_id, run.processes.device)
+            n = int(targets.sum())
+            nll, tokens = nll - (logps * targets).sum().item(), tokens + n
+            right += _token_accuracy(run, sequences) * n
+        return {"loss": nll / max(tokens, 1), "mean_token_accuracy": right / max(tokens, 1), "num_tokens": tokens}
+
+    return Objective(loss, held_out, per_token=True)
+
+
+@torch.no_grad()
+def _token_accuracy(run: Run, sequences: list[Encoded]) -> float:
+    """Fraction of target tokens that are the model's most likely next token (TRL's mean_token_accuracy)."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask, targets = batch_tensors(sequences, run.tokenizer.pad_token_id, run.processes.device)
+    _, hidden = completion_logprobs(run.policy, prompt_ids, prompt_mask, completion_ids, completion_mask, 1.0, return_hidden=True)
+    picked = targets.bool()
+    head = run.policy.get_output_embeddings()
+    predicted = torch.cat([head(h).argmax(-1) for h in hidden[picked].split(1024)]) if picked.any() else completion_ids[picked]
+    return (predicted == completion_ids[picked]).float().mean().item() if picked.any() else 0.0
+
+
+def reward_model_objective(cfg: TrainConfig) -> Objective:
+    scorers: dict[int, RewardModelScorer] = {}
+
+    def scorer(run: Run) -> RewardModelScorer:
+        if id(run) not in scorers:
+            scorers[id(run)] = RewardModelScorer(run.policy, run.tokenizer, max_length=10**9, device=run.processes.device)
+        return scorers[id(run)]
+
+    def scores(run: Run, split: Split, rows: torch.Tensor, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [split.rows[i] for i in rows.tolist()]
+        sequences = scorer(run).encode([p.prompt.with_reply(text) for p in pairs for text in (p.chosen, p.rejected)])
+        values = scorer(run).scores(sequences, model).view(-1, 2)  # (m, 2)
+        margins = torch.tensor([p.margin or 0.0 for p in pairs], device=values.device) if cfg.reward_model.use_margin else None
+        return values, margins
+
+    def loss(run: Run, split: Split, rows: torch.Tensor):
+        values, margins = scores(run, split, rows, run.learner)
+        return bradley_terry_loss(values[:, 0], values[:, 1], margins, cfg.reward_model.center_coef)
+
+    @torch.no_grad()
+    def held_out(run: Run, split: Split):
+        parts = [scores(run, split, rows) for rows in torch.arange(len(split)).split(cfg.update.micro_batch_size)]
+        values = torch.cat([v for v, _ in parts])
+        margins = torch.cat([m for _, m in parts]) if cfg.reward_model.use_margin else None
+        value, metrics = bradley_terry_loss(values[:, 0], values[:, 1], margins, cfg.reward_model.center_coef)
+        return {"loss": value.item(), **metrics, "n_pairs": len(split)}
+
+    return Objective(loss, held_out)
+
+
+OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {
+    "dpo": preference_objective,
+    "hypo": preference_objective,
+    "sft": sft_objective,
+    "reward_model": reward_model_objective,
+}
+
+
+# --- HyPO's fresh samples ------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    rollout: object
+    old_logps: torch.Tensor  # (B, k) log pi_t(y|x) of each sample
+    ref_logps: torch.Tensor  # (B, k) log pi_ref(y|x)
+    from_sampler: bool
+
+
+def sample_replies(run: Run, prompts: list[Conversation]) -> tuple[Samples, dict[str, float]]:
+    """k replies of the current policy to each prompt, with log pi_t and log pi_ref of each."""
+    k = run.cfg.rollout.samples_per_prompt
+    rollout = run.generator.generate(prompts, k, run.sampling)
+    mask = rollout.completion_mask
+    old_tokens, from_sampler = run.old_token_logps(rollout)
+    ref_tokens = rollout_logprobs(run.ref, rollout, run.sampling.logprob_temperature, run.cfg.update.micro_batch_size * 2)
+    old, ref = (old_tokens * mask).sum(1).view(-1, k), (ref_tokens * mask).sum(1).view(-1, k)
+    metrics = {  # HyPO's samples are not scored: it needs no reward
+        "completions": len(rollout), "kl_to_ref": (old - ref).mean().item(),
+        "response_length": rollout.completion_lengths.float().mean().item(), "frac_no_eos": (~rollout.finished).float().mean().item(),
+    }
+    return Samples(rollout, old, ref, from_sampler), metrics
+
+
+def kl_step(run: Run, samples: Samples, weight_total: int, first: bool) -> tuple[float, dict, float | None]:
+    """Accumulate the gradient of kl_coef * KL(pi || pi_ref) on the samples, groups of prompts at a
+    time (weight: groups in the micro-batch / ``weight_total``); returns the loss, its metrics and the
+    largest gap between pi_theta and pi_t before the step (``first``: checked on this pass)."""
+    r, k = samples.rollout, run.cfg.rollout.samples_per_prompt
+    groups = torch.arange(samples.old_logps.shape[0])
+    per_micro = max(1, run.cfg.update.micro_batch_size // k)
+    total, metrics, gap = 0.0, {}, None
+    for j, micro in enumerate(groups.split(per_micro)):
+        rows = (micro[:, None] * k + torch.arange(k)).reshape(-1).to(r.completion_ids.device)  # (m * k,)
+        with run.micro_batch(last=j == math.ceil(len(groups) / per_micro) - 1):
+            logps = completion_logprobs(run.learner, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
+                                        run.sampling.logprob_temperature).sum(1).view(-1, k)  # (m, k)
+            if first:
+                gap = max(gap or 0.0, (logps.detach() - samples.old_logps[micro.to(logps.device)]).abs().max().item())
+            loss, metrics = hypo_kl_loss(logps, samples.old_logps[micro.to(logps.device)], samples.ref_logps[micro.to(logps.device)],
+                                         run.cfg.hypo.kl_coef)
+            run.backward(loss * len(micro) / weight_total)
+        total += loss.item() * len(micro) / weight_total
+    return total, metrics, gap
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+
+def update(run: Run, objective: Objective, split: Split, rows: torch.Tensor, samples: Samples | None) -> tuple[dict, float | None]:
+    """``update.epochs`` optimizer steps on the iteration's rows (and HyPO's samples), each accumulated
+    over micro-batches weighted by their share of the rows (or target tokens) of every process."""
+    cfg = run.cfg.update
+    rows = rows[split.lengths()[rows].argsort(stable=True)]  # micro-batches of rows of similar length
+    micros = rows.split(cfg.micro_batch_size)
+    if objective.per_token:
+        tokens = [sum(sum(e.targets) for e in split.sequences(m)) for m in micros]
+        total = run.processes.sum(sum(tokens)) / run.processes.count
+    else:
+        tokens, total = [len(m) for m in micros], len(rows)
+    losses, grad_norms, fit, mismatch = [], [], [], None
+    for epoch in range(cfg.epochs):
+        run.optimizer.zero_grad(set_to_none=True)
+        step = 0.0
+        for j, micro in enumerate(micros):
+            with run.micro_batch(last=samples is None and j == len(micros) - 1):
+                loss, metrics = objective.loss(run, split, micro)
+                run.backward(loss * tokens[j] / total)
+            step += loss.item() * tokens[j] / total
+            fit.append(metrics)
+        if samples is not None:  # HyPO: the KL to the reference on the policy's own samples
+            kl, metrics, gap = kl_step(run, samples, samples.old_logps.shape[0], first=epoch == 0)
+            step += kl
+            fit.append(metrics)
+            mismatch = gap if gap is not None else mismatch
+        run.stop_if_non_finite("loss", step, "lower optim.lr" + (", or check dpo.beta" if run.cfg.algo in ("dpo", "hypo") else ""))
+        grad_norms.append(run.clip_and_step())
+        losses.append(step)
+    metrics = run.update_summary({}, losses, grad_norms, fit, mismatch, samples.from_sampler if samples is not None else True)
+    if samples is None:
+        for key in ("logp_mismatch_max", "old_logps_recomputed"):
+            metrics.pop(key)
+    return metrics, mismatch
+
+
+def prepare(run: Run, objective: Objective) -> tuple[Split, Split]:
+    """The training and held-out rows, tokenised, with their reference log-probs where a pair method needs them."""
+    task = run.task
+    train = Split(task.train_data, [encode_row(run.tokenizer, row) for row in task.train_data])
+    held_out = Split(task.eval_data, [encode_row(run.tokenizer, row) for row in task.eval_data])
+    if run.cfg.algo in ("dpo", "hypo"):
+        cached_reference_logps(run, {"train": train, "eval": held_out})
+    return train, held_out
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Run DPO / IPO / chi-PO, HyPO, SFT or a reward model on the configured data; returns the summary."""
+    objective = OBJECTIVES[cfg.algo](cfg)
+    run = Run.start(cfg, steps_per_iteration=cfg.update.epochs, load_models=_reward_model if cfg.algo == "reward_model" else None)
+    train_rows, held_out_rows = prepare(run, objective)
+    run.held_out = lambda r: objective.held_out(r, held_out_rows)
+    for iteration in run.progress():
+        t0 = time.perf_counter()
+        rows = torch.tensor(run.rows_for(iteration, len(train_rows), cfg.update.minibatch_size))
+        samples, metrics = None, {}
+        if cfg.algo == "hypo":
+            samples, metrics = sample_replies(run, [train_rows.rows[i].prompt for i in rows.tolist()])
+        t1 = time.perf_counter()
+        trained, _ = update(run, objective, train_rows, rows, samples)
+        metrics.update(trained)
+        metrics.update({"rows": len(rows), "tokens": sum(len(e.completion) for e in train_rows.sequences(rows)),
+                        "time/rollout": t1 - t0, "time/train": time.perf_counter() - t1, "time/total": time.perf_counter() - t0})
+        run.end_iteration(iteration, metrics, samples.rollout if samples is not None else None)
+    return run.finish()
+
+
+def _reward_model(cfg: TrainConfig, checkpoint: Path | None):
+    from rebelrl.models import load_reward_model
+
+    model = load_reward_model(str(checkpoint / "model") if checkpoint else cfg.model.name, cfg.model.dtype, cfg.seed)
+    return model, None
+
+
+__all__ = ["train", "OBJECTIVES", "Split", "cached_reference_logps", "reference_logps", "update"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -387,7 +388,23 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         metrics.update({"rows": len(rows), "tokens": sum(len(e.completion) for e in train_rows.sequences(rows)),
                         "time/rollout": t1 - t0, "time/train": time.perf_counter() - t1, "time/total": time.perf_counter() - t0})
         run.end_iteration(iteration, metrics, samples.rollout if samples is not None else None)
+    if cfg.algo == "reward_model" and run.processes.is_main:
+        _save_reward_model(run)
     return run.finish()
+
+
+def _save_reward_model(run: Run) -> None:
+    """The trained reward model as a folder ``reward.kwargs.name_or_path`` can name (``RewardModelScorer``):
+    written beside the checkpoints, which a comparison deletes once its runs are done."""
+    final = run.run_dir / "reward_model"
+    tmp = run.run_dir / f".reward_model{TEMP_SUFFIX}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.policy.save_pretrained(tmp, safe_serialization=True)
+    run.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)
+    run.say(f"rebelrl: reward model saved in {final} (reward.fn=rebelrl.rewards.reward_model:RewardModelScorer.from_pretrained "
+            f"reward.kwargs.name_or_path={final})")
 
 
 def _reward_model(cfg: TrainConfig, checkpoint: Path | None):

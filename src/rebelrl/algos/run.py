@@ -25,7 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from rebelrl.config import ConfigError, to_dict, to_yaml
-from rebelrl.data import PromptDataError
+from rebelrl.data import PromptDataError, check_demonstration_lengths, check_pair_lengths
 from rebelrl.envs import Task, build_task, task_reward
 from rebelrl.errors import NonFiniteError
 from rebelrl.eval import evaluate, load_sample_scores, read_jsonl, save_samples, score_conversations, score_rollout, write_report
@@ -574,18 +574,14 @@ def encode_row(tokenizer, row):
 
 
 def check_data_lengths(task: Task, tokenizer, context: int | None) -> None:
-    """Refuse, naming the first such row, offline rows longer than the model's context: a pair whose
-    prompt and longer reply, or a demonstration whose whole chat, would not fit."""
-    for split, rows in (("train", task.train_data), ("eval", task.eval_data)):
-        for i, row in enumerate(rows or []):
-            try:
-                n = max(len(e.prompt) + len(e.completion) for e in encode_row(tokenizer, row))
-            except ChatTemplateError as e:
-                raise PromptDataError(f"{task.where(split, i)}: {e}") from None
-            if context and n > context:
-                what = "prompt and longer reply" if isinstance(row, PreferencePair) else "conversation"
-                raise PromptDataError(f"{task.where(split, i).replace('prompt', 'row')}: {n} tokens ({what}, with the chat template); "
-                                      f"the model's context holds {context}: shorten or drop the row")
+    """Refuse offline rows longer than the model's context (a pair's prompt and longer reply, a
+    demonstration's whole chat), naming them, before any model loads."""
+    rows = task.train_data + task.eval_data
+    wheres = task.train_rows + task.eval_rows
+    if rows and isinstance(rows[0], PreferencePair):
+        check_pair_lengths(rows, wheres, tokenizer, context)
+    else:
+        check_demonstration_lengths(rows, wheres, tokenizer, context)
 
 
 def _context_length(model) -> int | None:

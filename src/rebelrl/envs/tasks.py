@@ -6,6 +6,7 @@ import importlib.util
 import json
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from rebelrl.config import ConfigError
@@ -107,7 +108,10 @@ def _data_task(cfg) -> Task:
     """Preference pairs or demonstrations; held-out rows from ``task.eval_data`` or split off ``task.data``."""
     from rebelrl.data import load_demonstration_rows, load_preference_rows
 
-    load = load_preference_rows if cfg.name == "preferences" else load_demonstration_rows
+    if cfg.name == "preferences":
+        load = partial(load_preference_rows, prompt_field=cfg.prompt_field)
+    else:
+        load = partial(load_demonstration_rows, prompt_field=cfg.prompt_field, messages_field=cfg.messages_field)
     rows = [(where, row) for row, where in zip(*load(cfg.data))]
     if cfg.eval_data:
         held_out = [(where, row) for row, where in zip(*load(cfg.eval_data))][: cfg.n_eval]

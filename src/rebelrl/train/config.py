@@ -43,8 +43,9 @@ class TaskConfig:
     eval_data: str | None = field(None, "task=preferences/demonstrations: held-out rows; null = split n_eval rows off task.data")
     prompts: str | None = field(None, "task=prompts: training prompts (.jsonl, .parquet, a saved datasets folder, or hf:NAME[:SPLIT])")
     eval_prompts: str | None = field(None, "task=prompts: held-out prompts; null = split n_eval rows off the training prompts")
-    prompt_field: str = field("prompt", "column holding the prompt text")
-    messages_field: str = field("messages", "column holding a chat as a list of {role, content} (used when the prompt column is absent)")
+    prompt_field: str = field("prompt", "column holding the prompt text (task=prompts, preferences, demonstrations)")
+    messages_field: str = field("messages", "column holding a chat as a list of {role, content} (used when the prompt column is absent; "
+                                "task=prompts, demonstrations)")
     system_prompt: str | None = field(None, "system message put before every prompt that has none (null = the task's default)")
     dataset: str = field("basic_arithmetic", "task=reasoning-gym: the reasoning-gym dataset name")
     dataset_kwargs: dict = field({}, "task=reasoning-gym: the dataset's config (difficulty), e.g. {max_terms: 2, max_digits: 1}")

@@ -258,8 +258,6 @@ def _offline_relations(cfg) -> None:
         raise ConfigError(f"task.name={cfg.task.name} needs task.data: a .jsonl/.parquet file, a datasets folder or hf:NAME[:SPLIT]")
     if cfg.algo == "reward_model" and cfg.model.lora_r > 0:
         raise ConfigError("algo=reward_model trains the whole network and its score head: set model.lora_r=0")
-    if cfg.algo == "hypo" and cfg.rollout.samples_per_prompt < 2:
-        raise ConfigError("algo=hypo estimates the KL's gradient with a leave-one-out baseline: rollout.samples_per_prompt must be >= 2")
     if cfg.dpo.r_max is not None and cfg.dpo.loss != "chipo":
         raise ConfigError(f"dpo.r_max={cfg.dpo.r_max:g} clips chi-PO's margin only: with dpo.loss={cfg.dpo.loss} it would be ignored; "
                           "set dpo.loss=chipo or r_max=null")

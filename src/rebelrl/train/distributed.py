@@ -281,6 +281,9 @@ def check_shares(cfg, processes: int, steps_in_backward: bool = False) -> None:
     share of a minibatch must be one micro-batch."""
     if processes <= 1:
         return
+    if cfg.algo in ("dpo", "hypo", "sft", "reward_model"):
+        raise ConfigError(f"algo={cfg.algo} runs in one process for now: its metrics and held-out evaluation are not yet combined "
+                          "across processes; launch it without --num_processes")
     if cfg.rollout.prompts_per_iter % processes:
         raise ConfigError(
             f"rollout.prompts_per_iter={cfg.rollout.prompts_per_iter} must be a multiple of the {processes} processes: "

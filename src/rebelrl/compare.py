@@ -58,6 +58,10 @@ class CompareConfig:
     tasks: list[dict] = field([{"name": "task", "overrides": {}}], "tasks to compare on: {name, overrides} (dotted train keys)")
     methods: list[dict] = field([], "methods: {name, overrides} (dotted train keys, e.g. algo: grpo, rollout.samples_per_prompt: 4)")
     budget: int = field(640, "completions generated per run (rollouts plus A*-PO's reference samples)")
+    rows_budget: int | None = field(
+        None, "offline methods (dpo, hypo, sft, reward_model): rows of the data (pairs or demonstrations) each run trains on, "
+        "as iterations of update.minibatch_size rows; the online methods spend `budget` completions"
+    )
     seeds: list[int] = field([0, 1], "training seeds per method (evaluation samples are the same for all)")
     threads: int | None = field(None, "CPU threads of each run; null = the runs' own default")
     keep_checkpoints: bool = field(False, "keep each finished run's checkpoints (weights and optimizer state, about 3x the model a run); the report needs none")
@@ -108,18 +112,23 @@ def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
                     data["threads"] = cfg.threads
                 try:
                     probe = from_dict(TrainConfig, data)
-                    per_iteration = completions_per_iteration(probe)
-                    if cfg.budget < per_iteration:  # one iteration would already spend more than the budget
-                        raise ConfigError(f"budget={cfg.budget} is less than one iteration's {per_iteration} completions: "
-                                          "raise the budget or lower rollout.prompts_per_iter")
-                    data["iterations"] = cfg.budget // per_iteration
-                    if first is not None:
+                    budget, per_iteration, unit, lower = _budget(cfg, probe)
+                    if budget < per_iteration:  # one iteration would already spend more than the budget
+                        raise ConfigError(f"{'rows_budget' if unit == 'rows' else 'budget'}={budget} is less than one iteration's "
+                                          f"{per_iteration} {unit}: raise it or lower {lower}")
+                    data["iterations"] = budget // per_iteration
+                    # The runs that sample the held-out prompts share the first one's evaluation of the initial policy.
+                    generates = probe.algo != "reward_model" and (probe.algo not in OFFLINE or probe.reward.fn is not None)
+                    if first is not None and generates:
                         data.setdefault("eval", {})["initial_from"] = str(first)
                     train_cfg = from_dict(TrainConfig, data)
                 except ConfigError as e:
                     raise ConfigError(f"task {task['name']}, method {method['name']}: {e}") from None
-                first = first or run_dir
+                first = first or (run_dir if generates else None)
                 runs.append(Plan(task["name"], method["name"], seed, train_cfg, run_dir))
+    if cfg.rows_budget is not None and not any(r.cfg.algo in OFFLINE for r in runs):
+        raise ConfigError(f"rows_budget={cfg.rows_budget} is the budget of the offline methods (algo dpo, hypo, sft, reward_model) "
+                          "and no method here is one: it would be ignored; remove it")
     folders = {}
     for run in runs:  # two runs in one folder: the second would resume the first and replace its results
         other = folders.setdefault(run.run_dir, run)
@@ -127,6 +136,19 @@ def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
             raise ConfigError(f"task {run.task}, method {run.method}, seed {run.seed} and task {other.task}, method "
                               f"{other.method}, seed {other.seed} would both run in {run.run_dir}: give them different names or seeds")
     return runs
+
+
+OFFLINE = ("dpo", "hypo", "sft", "reward_model")
+
+
+def _budget(cfg: CompareConfig, run: TrainConfig) -> tuple[int, int, str, str]:
+    """(budget, what one iteration spends of it, its unit, the setting that sets the spend): rows of the
+    data for an offline method, generated completions for an online one."""
+    if run.algo in OFFLINE:
+        if cfg.rows_budget is None:
+            raise ConfigError(f"algo={run.algo} trains on rows of a data file: set rows_budget (rows each run trains on)")
+        return cfg.rows_budget, run.update.minibatch_size, "rows", "update.minibatch_size"
+    return cfg.budget, completions_per_iteration(run), "completions", "rollout.prompts_per_iter"
 
 
 def completions_per_iteration(cfg: TrainConfig) -> int:
@@ -157,7 +179,8 @@ def run_all(cfg: CompareConfig, quick: bool = False, launch=None) -> Path:
         if launches:  # every launch of the run, the ones an interruption cut short included
             seconds, peak_mb = sum(r["wall_s"] for r in launches), max(r["peak_rss_mb"] for r in launches)
         record = {"task": run.task, "method": run.method, "seed": run.seed, "wall_s": seconds, "peak_rss_mb": peak_mb,
-                  "launches": max(1, len(launches)), "iterations": run.cfg.iterations, "completions": _completions(run.run_dir)}
+                  "launches": max(1, len(launches)), "iterations": run.cfg.iterations, "completions": _completions(run.run_dir),
+                  "rows": _spent(run.run_dir, "rows")}
         with open(ledger, "a") as f:
             f.write(json.dumps(record) + "\n")
         if not cfg.keep_checkpoints:  # 28 runs of a 135M model would otherwise hold 45 GB
@@ -259,7 +282,11 @@ def _finished(run: Plan) -> bool:
 
 
 def _completions(run_dir: Path) -> int:
-    return int(sum(m.get("completions", 0) for m in read_jsonl(run_dir / "metrics.jsonl")))
+    return _spent(run_dir, "completions")
+
+
+def _spent(run_dir: Path, key: str) -> int:
+    return int(sum(m.get(key, 0) for m in read_jsonl(run_dir / "metrics.jsonl")))
 
 
 def _with(base: dict, *overrides: dict) -> dict:
@@ -280,20 +307,23 @@ def write_comparison(root: Path, runs: list[Plan]) -> Path:
     plots.mkdir(exist_ok=True)
     lines = ["# Comparison", "", f"Runs: {len(runs)}; budget per run and evaluation settings in `compare.yaml`.", ""]
     for task in dict.fromkeys(r.task for r in runs):
-        curves = {}  # method -> list over seeds of [(completions, reward, kl, win rate)]
+        curves = {}  # method -> list over seeds of [(completions, reward, kl, win rate, held-out pair accuracy)]
         rows = []
         for method in dict.fromkeys(r.method for r in runs if r.task == task):
             mine = [r for r in runs if r.task == task and r.method == method]
             curves[method] = [_curve(r.run_dir) for r in mine]
             finals = [c[-1] for c in curves[method] if c]
             costs = [ledger.get((task, method, r.seed), {}) for r in mine]
-            rows.append(_table_row(method, finals, costs))
-        lines += [f"## {task}", "", "| method | final held-out reward | KL to ref (nats) | win rate vs initial | completions | "
-                  "wall time (min) | peak RSS (GB) | seeds |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+            rows.append(_table_row(method, finals, costs, mine[0].cfg.algo in OFFLINE))
+        lines += [f"## {task}", "", "| method | final held-out reward | KL to ref (nats) | win rate vs initial | held-out pair accuracy | "
+                  "budget spent | wall time (min) | peak RSS (GB) | seeds |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
         for name, fig in _figures(task, curves, ledger).items():
             fig.savefig(plots / f"{task}-{name}.png", dpi=110)
             lines += [f"![{name}](plots/{task}-{name}.png)", ""]
-    lines += ["Mean ± standard deviation across seeds. Wall time is the sum over every launch of a run (one resumed after an "
+    lines += ["Budget spent: generated completions for the online methods (HyPO's own samples beside its rows), rows of the data "
+              "(pairs or demonstrations, counted once a step) for the offline ones. Held-out pair accuracy: the share of held-out "
+              "pairs whose chosen reply the policy (or reward model) ranks first; '-' where a method has none to rank. "
+              "Mean ± standard deviation across seeds. Wall time is the sum over every launch of a run (one resumed after an "
               "interruption counts its earlier launches too, work repeated since its last checkpoint included); peak RSS is the "
               "largest of its launches. Each run's own `report.md` has its training curves.", ""]
     out = root / "comparison.md"
@@ -310,11 +340,13 @@ def _curve(run_dir: Path) -> list[tuple[float, float, float, float]]:
     for m in read_jsonl(run_dir / "metrics.jsonl"):
         total += m.get("completions", 0)
         spent[m["iteration"]] = total
-    return [(spent.get(e["iteration"], total), e["reward_mean"], e.get("kl_to_ref", math.nan), e.get("win_rate_vs_initial", math.nan))
+    return [(spent.get(e["iteration"], total), e.get("reward_mean", math.nan), e.get("kl_to_ref", math.nan),
+             e.get("win_rate_vs_initial", math.nan), e.get("rewards/accuracies", math.nan))
             for e in read_jsonl(run_dir / "eval.jsonl")]
 
 
 def _mean_sd(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
     if not values:
         return "-"
     mean = sum(values) / len(values)
@@ -322,9 +354,12 @@ def _mean_sd(values: list[float]) -> str:
     return f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
-def _table_row(method: str, finals: list[tuple], costs: list[dict]) -> str:
-    cells = [_mean_sd([f[i] for f in finals]) for i in (1, 2, 3)]
-    completions = f"{sum(f[0] for f in finals) / len(finals):.0f}" if finals else "-"
+def _table_row(method: str, finals: list[tuple], costs: list[dict], offline: bool) -> str:
+    cells = [_mean_sd([f[i] for f in finals]) for i in (1, 2, 3, 4)]
+    rows = [c.get("rows", 0) for c in costs if c]
+    completions = f"{sum(f[0] for f in finals) / len(finals):.0f} completions" if finals else "-"
+    if offline:
+        completions = f"{sum(rows) / max(len(rows), 1):.0f} rows" + (f", {completions}" if finals and sum(f[0] for f in finals) else "")
     wall = _mean_sd([c["wall_s"] / 60 for c in costs if c])
     peak = _mean_sd([c["peak_rss_mb"] / 1024 for c in costs if c])
     return f"| {method} | {' | '.join(cells)} | {completions} | {wall} | {peak} | {len(finals)} |"

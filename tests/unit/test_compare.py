@@ -80,3 +80,42 @@ def test_compare_end_to_end_resuming_after_a_kill(tmp_path, monkeypatch):
     for name in ("reward", "win_rate", "reward_vs_kl", "cost"):
         assert (root / "plots" / f"tiny-{name}.png").exists()
     assert json.loads(json.dumps(ledger))  # plain JSON
+
+
+def test_offline_methods_beside_online_ones_at_equal_budgets(tmp_path, monkeypatch):
+    """A preference file with a reward: REBEL samples replies to its prompts (16 completions an
+    iteration, budget 32: 2 iterations), DPO, chi-PO and SFT on the chosen replies train on its rows
+    (rows_budget 16, minibatches of 8: 2 iterations), a reward model too; the report states each
+    budget in its own unit and shows the held-out pair accuracy of the methods that rank pairs."""
+    setup_task(tmp_path, monkeypatch)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"prompt {i}", "chosen": "good day", "rejected": "GOOD DAY"}) + "\n" for i in range(24)))
+    overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in TINY_ARGS) if not k.startswith("task.")}
+    overrides.update({"eval.every": 1, "update.minibatch_size": 8, "update.micro_batch_size": 8, "task.name": "preferences",
+                      "task.data": str(pairs), "task.n_eval": 4})
+    data = {
+        "run_dir": str(tmp_path / "cmp"),
+        "tasks": [{"name": "pairs", "overrides": overrides}],
+        "methods": [
+            {"name": "REBEL", "overrides": {"algo": "rebel", "update.minibatch_size": 4, "update.micro_batch_size": 4}},
+            {"name": "DPO", "overrides": {"algo": "dpo"}},
+            {"name": "chi-PO", "overrides": {"algo": "dpo", "dpo.loss": "chipo"}},
+            {"name": "SFT", "overrides": {"algo": "sft"}},
+            {"name": "RM", "overrides": {"algo": "reward_model", "reward.fn": None}},
+        ],
+        "budget": 32, "rows_budget": 16, "seeds": [0],
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(data))
+    runs = compare.plan(load_config(compare.CompareConfig, path))
+    assert [(r.method, r.cfg.iterations) for r in runs] == [("REBEL", 2), ("DPO", 2), ("chi-PO", 2), ("SFT", 2), ("RM", 2)]
+    assert runs[3].cfg.eval.initial_from == str(runs[0].run_dir) and runs[4].cfg.eval.initial_from is None
+    assert main(["compare", str(path)]) == 0
+    report = (tmp_path / "cmp" / "comparison.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "32 completions" in rows["REBEL"] and "16 rows" in rows["DPO"] and "16 rows" in rows["RM"]
+    assert rows["DPO"].split(" | ")[4] != "-" and rows["REBEL"].split(" | ")[4] == "-"  # held-out pair accuracy
+    ledger = read_jsonl(tmp_path / "cmp" / "runs.jsonl")
+    assert {r["method"]: r["rows"] for r in ledger}["SFT"] == 16
+    with pytest.raises(ConfigError, match="rows_budget=16 is the budget of the offline methods"):
+        compare.plan(load_config(compare.CompareConfig, path, ["methods=[{name: R, overrides: {algo: rebel}}]"]))

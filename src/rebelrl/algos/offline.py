@@ -363,8 +363,13 @@ def update(run: Run, objective: Objective, split: Split, rows: torch.Tensor, sam
 def prepare(run: Run, objective: Objective) -> tuple[Split, Split]:
     """The training and held-out rows, tokenised, with their reference log-probs where a pair method needs them."""
     task = run.task
-    train = Split(task.train_data, [encode_row(run.tokenizer, row) for row in task.train_data])
-    held_out = Split(task.eval_data, [encode_row(run.tokenizer, row) for row in task.eval_data])
+
+    def split(rows: list) -> Split:
+        if run.cfg.algo == "sft":  # SFT on preference pairs learns their chosen replies
+            rows = [row.prompt.with_reply(row.chosen) if isinstance(row, PreferencePair) else row for row in rows]
+        return Split(rows, [encode_row(run.tokenizer, row) for row in rows])
+
+    train, held_out = split(task.train_data), split(task.eval_data)
     if run.cfg.algo in ("dpo", "hypo"):
         cached_reference_logps(run, {"train": train, "eval": held_out})
     return train, held_out

@@ -375,7 +375,7 @@ class Run:
                 shutil.copyfile(source / name, self.run_dir / name)
         initial = source / INITIAL_SAMPLES
         self.baseline_scores = load_turn_scores(initial) if self.task.env is not None else load_sample_scores(initial)
-        record = {**record, "reused_from": str(source)}
+        record = {**record, **(self.held_out(self) if self.held_out is not None else {}), "reused_from": str(source)}
         if self.processes.is_main:
             self.eval_log.log(record)
         self.evals.append(record)

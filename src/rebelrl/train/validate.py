@@ -134,7 +134,7 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
     "CheckpointConfig": {"every": Range(0, why="0 saves only at the end"), "keep_last": Range(0, why="0 keeps every checkpoint")},
     "EvalCommandConfig": {**SAMPLER, "temperature": Range(0, why="0 is greedy"), "seed": SEED},
     "GenerateConfig": {**SAMPLER, "n": AT_LEAST_ONE, "temperature": Range(0, why="0 is greedy"), "seed": SEED},
-    "CompareConfig": {"budget": AT_LEAST_ONE, "threads": Range(1, why="null leaves each run's own default")},
+    "CompareConfig": {"budget": AT_LEAST_ONE, "rows_budget": AT_LEAST_ONE, "threads": Range(1, why="null leaves each run's own default")},
     "PairsConfig": {**SAMPLER, "samples_per_prompt": Range(2, why="a pair needs two replies"), "seed": SEED,
                     "temperature": Range(0, low_open=True, why="greedy decoding would make the replies of a prompt one reply"),
                     "bt_beta": Range(0, why="0 labels by a coin flip; null labels by score")},
@@ -243,18 +243,23 @@ def _train_relations(cfg) -> None:
 
 
 # The data each offline method trains on; the online methods train on prompts and never read task.data.
-DATA_TASKS = {"preferences": ("dpo", "hypo", "reward_model"), "demonstrations": ("sft",)}
+DATA_TASKS = {"preferences": ("dpo", "hypo", "reward_model", "sft"), "demonstrations": ("sft",)}
 
 
 def _offline_relations(cfg) -> None:
-    readers = DATA_TASKS.get(cfg.task.name, ())
-    wanted = next((task for task, algos in DATA_TASKS.items() if cfg.algo in algos), None)
-    if wanted is not None and cfg.task.name != wanted:
-        raise ConfigError(f"algo={cfg.algo} trains on a data file: set task.name={wanted} and task.data=FILE (task.name={cfg.task.name} has none)")
-    if readers and cfg.algo not in readers:
-        raise ConfigError(f"task.name={cfg.task.name} is data for algo={' or '.join(readers)}; algo={cfg.algo} samples from prompts "
-                          "(task.name=prompts reads the prompts of a file)")
-    if readers and not cfg.task.data:
+    offline = any(cfg.algo in algos for algos in DATA_TASKS.values())
+    if offline and cfg.task.name not in DATA_TASKS:
+        which = "demonstrations (or preferences: their chosen replies)" if cfg.algo == "sft" else "preferences"
+        raise ConfigError(f"algo={cfg.algo} trains on a data file: set task.name={which} and task.data=FILE (task.name={cfg.task.name} has none)")
+    if offline and cfg.algo not in DATA_TASKS.get(cfg.task.name, (cfg.algo,)):
+        raise ConfigError(f"algo={cfg.algo} trains on preference pairs: task.name={cfg.task.name} holds single replies; set task.name=preferences")
+    if cfg.task.name in DATA_TASKS and not offline:
+        if cfg.algo == "refuel":
+            raise ConfigError(f"task.name={cfg.task.name} holds single-turn rows; algo=refuel plays multi-turn dialogues")
+        if cfg.reward.fn is None:
+            raise ConfigError(f"task.name={cfg.task.name} is data for algo={' or '.join(DATA_TASKS[cfg.task.name])}; algo={cfg.algo} samples "
+                              "replies to the rows' prompts, which needs a reward to judge them: set reward.fn")
+    if cfg.task.name in DATA_TASKS and not cfg.task.data:
         raise ConfigError(f"task.name={cfg.task.name} needs task.data: a .jsonl/.parquet file, a datasets folder or hf:NAME[:SPLIT]")
     if cfg.algo == "reward_model" and cfg.model.lora_r > 0:
         raise ConfigError("algo=reward_model trains the whole network and its score head: set model.lora_r=0")

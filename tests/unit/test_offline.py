@@ -212,3 +212,15 @@ def test_a_pair_longer_than_the_context_is_refused_naming_its_row_before_any_mod
 def test_offline_settings_that_cannot_work_are_refused(tmp_path, capsys, override, message):
     assert main(["train", "model.name=tiny-random", *override, f"run_dir={tmp_path / 'r'}"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_gold_reward_judges_the_same_held_out_samples(tmp_path, monkeypatch):
+    """eval.gold_fn scores the held-out samples a second time: with the training reward as the gold one
+    the two means agree, evaluation for evaluation (the testbed's gold is another reward)."""
+    setup_task(tmp_path, monkeypatch)
+    run = train(tmp_path, "dpo", "iterations=3", "reward.fn=tiny_rules:lowercase_fraction", "eval.gold_fn=tiny_rules:lowercase_fraction",
+                "rollout.max_new_tokens=6")
+    evals = read_jsonl(run / "eval.jsonl")
+    assert all(e["gold_reward_mean"] == pytest.approx(e["reward_mean"]) for e in evals)
+    assert main(["train", *COMMON, "algo=reward_model", "task.name=preferences", "task.data=x.jsonl", "eval.gold_fn=vader",
+                 f"run_dir={tmp_path / 'no'}"]) == 2

@@ -93,6 +93,7 @@ class Run:
     # Held-out metrics the loop measures itself (offline methods: pair accuracy, held-out loss), merged
     # into every evaluation record: ``held_out(run) -> metrics``.
     held_out: Callable[[Run], dict] | None = None
+    gold_reward_fn: RewardFn | None = None  # eval.gold_fn: a second judge of the held-out samples
     _bar: object = None
 
     # --- set-up --------------------------------------------------------------------------------
@@ -158,6 +159,7 @@ class Run:
             policy=policy, ref=ref, generator=generator, optimizer=optimizer,
             scheduler=scheduler, sampling=sampling, eval_sampling=eval_sampling,
             eval_reward_fn=checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i)) if reward_fn is not None else None,
+            gold_reward_fn=_gold_reward(cfg, task),
             metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
             recompute_old=_recompute_old(cfg, policy), critic=critic, processes=processes,
             wrapped_policy=wrapped if wrapped is not policy else None,
@@ -443,6 +445,9 @@ class Run:
         else:
             metrics, rollout, scores = evaluate(*args, self.task.eval, *tail, self.cfg.eval.seed, penalty, self.baseline_scores, **options)
             save = partial(save_samples, rollout=rollout, scores=scores)
+            if self.gold_reward_fn is not None:  # the same samples, judged by the reward training never sees
+                gold = score_conversations(self.gold_reward_fn, rollout.conversations, rollout.finished, penalty, self.cfg.eval.gold_fn)
+                metrics["gold_reward_mean"] = gold.mean().item()
         if self.baseline_scores is None:  # the initial policy: every later evaluation is compared with it
             self.baseline_scores = scores
             metrics["win_rate_vs_initial"] = 0.5
@@ -514,6 +519,16 @@ def _summary(first: dict, last: dict, iterations: int) -> dict:
         if key in last and key in first:
             summary[f"initial_{key}"], summary[f"final_{key}"] = first[key], last[key]
     return summary
+
+
+def _gold_reward(cfg: TrainConfig, task: Task) -> RewardFn | None:
+    if cfg.eval.gold_fn is None:
+        return None
+    from rebelrl.rewards import load_reward
+    from rebelrl.rewards.registry import user_reward
+
+    name = cfg.eval.gold_fn
+    return checked_reward(user_reward(load_reward(name, cfg.eval.gold_kwargs), name), name, lambda i: task.where("eval", i))
 
 
 def _process_rng(state: dict, rank: int) -> dict | None:

@@ -200,6 +200,11 @@ class EvalConfig:
     temperature: float | None = field(None, "sampling temperature for evaluation; null = the rollout temperature")
     max_new_tokens: int | None = field(None, "null = the rollout budget")
     seed: int = field(1234, "evaluation sampling seed: the same prompts and noise at every evaluation")
+    gold_fn: str | None = field(
+        None, "a second reward (built-in name or module:function) that judges the same held-out samples, logged as gold_reward_mean: "
+        "the reward a method optimising a proxy (a reward model) never sees; single-turn tasks, one process"
+    )
+    gold_kwargs: dict = field({}, "keyword arguments for eval.gold_fn (a factory)")
     initial_from: str | None = field(
         None, "a run directory of the same model, task and evaluation settings whose iteration-0 evaluation is reused instead of recomputed"
     )

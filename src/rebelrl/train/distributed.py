@@ -281,6 +281,8 @@ def check_shares(cfg, processes: int, steps_in_backward: bool = False) -> None:
     share of a minibatch must be one micro-batch."""
     if processes <= 1:
         return
+    if cfg.eval.gold_fn is not None:
+        raise ConfigError("eval.gold_fn judges the held-out samples in one process for now: launch without --num_processes")
     if cfg.algo in ("dpo", "hypo", "sft", "reward_model"):
         raise ConfigError(f"algo={cfg.algo} runs in one process for now: its metrics and held-out evaluation are not yet combined "
                           "across processes; launch it without --num_processes")

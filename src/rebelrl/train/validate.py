@@ -263,6 +263,11 @@ def _offline_relations(cfg) -> None:
         raise ConfigError(f"task.name={cfg.task.name} needs task.data: a .jsonl/.parquet file, a datasets folder or hf:NAME[:SPLIT]")
     if cfg.algo == "reward_model" and cfg.model.lora_r > 0:
         raise ConfigError("algo=reward_model trains the whole network and its score head: set model.lora_r=0")
+    if cfg.eval.gold_fn is not None and (cfg.algo in ("refuel", "reward_model") or (cfg.algo in DATA_TASKS["preferences"] and cfg.reward.fn is None)):
+        raise ConfigError(f"eval.gold_fn judges the held-out samples of a single-turn run that samples them (a reward named): with "
+                          f"algo={cfg.algo}{'' if cfg.algo in ('refuel', 'reward_model') else ' and no reward.fn'} it would be ignored")
+    if cfg.eval.gold_fn is None and cfg.eval.gold_kwargs:
+        raise ConfigError("eval.gold_kwargs is read only with eval.gold_fn: it would be ignored")
     if cfg.dpo.r_max is not None and cfg.dpo.loss != "chipo":
         raise ConfigError(f"dpo.r_max={cfg.dpo.r_max:g} clips chi-PO's margin only: with dpo.loss={cfg.dpo.loss} it would be ignored; "
                           "set dpo.loss=chipo or r_max=null")

@@ -1,0 +1,171 @@
+"""The over-optimisation testbed, in the style of Gao et al. (2023): a gold reward the methods never
+see labels pairs, and each method's gold reward is followed as its KL to the reference grows.
+
+One command builds it all from a fresh checkout, in ``--out`` (default ``runs/overopt``):
+
+1. pairs: ``rebelrl pairs`` samples ``--k`` replies of SmolLM2-135M-Instruct to each chitchat opening,
+   scores them with the gold reward (VADER) and labels best against worst with Bradley-Terry noise
+   (``--bt-beta``): a noisy rater, as human labels are. Training and held-out prompts get their own files.
+2. proxy: ``rebelrl train algo=reward_model`` on those labels (the proxy reward model).
+3. offline: DPO, IPO and chi-PO (``dpo.loss``) and HyPO on the same pairs for ``--epochs`` epochs,
+   every held-out evaluation judged by the gold reward (``reward.fn=vader``: the methods never read it).
+4. online (with ``--online``): REBEL and RLOO optimise the proxy reward model; ``eval.gold_fn=vader``
+   judges the same held-out samples with the gold reward.
+
+It writes ``overoptimization.md``: for each method and seed the gold reward and KL at every
+evaluation, the final and the best gold reward (mean ± sd over seeds), and plots of gold reward
+against KL. A finished run is read back, not retrained; an unfinished one resumes.
+
+    python benchmarks/overoptimization.py                       # 2 seeds, offline methods
+    python benchmarks/overoptimization.py --seeds 0 1 2 --online
+    python benchmarks/overoptimization.py --prompts 64 --epochs 4 --seeds 0   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+COMMON = [  # what every run shares: the model, sampling, evaluation
+    f"model.name={MODEL}", "rollout.temperature=0.7", "rollout.max_new_tokens=32", "rollout.batch_size=32", "reward.no_eos_penalty=-1",
+    "optim.schedule=constant", "optim.max_grad_norm=1.0", "checkpoint.every=0", "checkpoint.keep_last=1",
+]
+OFFLINE = {  # name: overrides
+    "DPO": ["algo=dpo", "dpo.beta=0.1"],
+    "IPO": ["algo=dpo", "dpo.loss=ipo", "dpo.beta=0.1"],
+    "chi-PO": ["algo=dpo", "dpo.loss=chipo", "dpo.beta=0.1"],
+    "HyPO": ["algo=hypo", "dpo.beta=0.1", "hypo.kl_coef=0.1", "rollout.samples_per_prompt=2"],
+}
+ONLINE = {
+    "REBEL": ["algo=rebel", "rebel.eta=3.0", "rebel.kl_coef=0.0"],
+    "RLOO": ["algo=rloo", "rollout.samples_per_prompt=4", "rloo.kl_coef=0.0", "update.epochs=1"],
+}
+
+
+def rebelrl(*args: str, log: Path) -> float:
+    """Run ``rebelrl`` with ``args``, its output appended to ``log``; returns the wall time in seconds."""
+    t0 = time.perf_counter()
+    with open(log, "a") as out:
+        subprocess.run([sys.executable, "-m", "rebelrl.cli", *args], check=True, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+def train(run_dir: Path, args: list[str], log: Path) -> float | None:
+    if (run_dir / "report.md").exists():
+        return None
+    return rebelrl("train", *COMMON, *args, f"run_dir={run_dir}", *(["--resume"] if run_dir.exists() else []), log=log)
+
+
+def curve(run_dir: Path, gold: str) -> list[tuple[float, float]]:
+    """(KL to the reference, gold reward) at each evaluation."""
+    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["kl_to_ref"], r[gold]) for r in rows]
+
+
+def mean_sd(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/overopt")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--prompts", type=int, default=128, help="training prompts with a pair each")
+    parser.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts (pairs for accuracy, prompts for the gold reward)")
+    parser.add_argument("--k", type=int, default=4, help="replies sampled a prompt to make its pair")
+    parser.add_argument("--bt-beta", type=float, default=4.0, help="Bradley-Terry label noise: P(best chosen) = sigmoid(bt_beta * gap)")
+    parser.add_argument("--epochs", type=int, default=6, help="passes over the pairs of each offline run")
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--online", action="store_true", help="also REBEL and RLOO on the proxy reward model")
+    parser.add_argument("--online-iterations", type=int, default=12)
+    args = parser.parse_args()
+    out = (ROOT / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "testbed.log"
+    walls = {}
+
+    pairs, held_out = out / "pairs.jsonl", out / "pairs_eval.jsonl"
+    task = ["task.name=chitchat-warm", f"task.n_train={args.prompts}", f"task.n_eval={args.eval_prompts}"]
+    for path, split in ((pairs, "train"), (held_out, "eval")):
+        if not path.exists():
+            print(f"== pairs ({split}): {args.k} replies a prompt, gold reward vader, Bradley-Terry beta {args.bt_beta}", flush=True)
+            walls[f"pairs ({split})"] = rebelrl("pairs", f"model={MODEL}", *task, "reward.fn=vader", f"split={split}", f"samples_per_prompt={args.k}",
+                                                "max_new_tokens=32", f"bt_beta={args.bt_beta}", f"output={path}", log=log)
+    n_pairs = sum(1 for line in pairs.read_text().splitlines() if line.strip())
+    data = ["task.name=preferences", f"task.data={pairs}", f"task.eval_data={held_out}", f"task.n_eval={args.eval_prompts}"]
+    minibatch = 8
+    iterations = max(1, args.epochs * n_pairs // minibatch)
+    every = max(1, iterations // 8)
+    print(f"{n_pairs} training pairs; offline runs: {iterations} steps of {minibatch} pairs ({args.epochs} epochs), evaluated every {every}",
+          flush=True)
+
+    proxy = out / "proxy-rm"
+    print("== proxy reward model", flush=True)
+    walls["proxy reward model"] = train(proxy, [*data, "algo=reward_model", f"iterations={iterations // 2}", f"eval.every={every}",
+                                                f"update.minibatch_size={minibatch}", f"update.micro_batch_size={minibatch}",
+                                                f"optim.lr={args.lr}"], log)
+    methods = dict(OFFLINE)
+    if args.online:
+        methods.update(ONLINE)
+    for name, overrides in methods.items():
+        for seed in args.seeds:
+            run_dir = out / f"{name}-seed{seed}"
+            print(f"== {name}, seed {seed}", flush=True)
+            if name in OFFLINE:
+                run = [*data, *overrides, "reward.fn=vader", f"iterations={iterations}", f"eval.every={every}",
+                       f"update.minibatch_size={minibatch}", f"update.micro_batch_size={minibatch}", f"optim.lr={args.lr}"]
+            else:
+                scorer = "reward.fn=rebelrl.rewards.reward_model:RewardModelScorer.from_pretrained"
+                run = [*task, *overrides, scorer, f"reward.kwargs.name_or_path={proxy / 'reward_model'}", "eval.gold_fn=vader",
+                       f"iterations={args.online_iterations}", f"eval.every={max(1, args.online_iterations // 6)}",
+                       "rollout.prompts_per_iter=16", "update.minibatch_size=8", "update.micro_batch_size=8", f"optim.lr={args.lr}"]
+            walls[f"{name}, seed {seed}"] = train(run_dir, [*run, f"seed={seed}"], log)
+    report(out, methods, args, n_pairs, walls)
+
+
+def report(out: Path, methods: dict, args, n_pairs: int, walls: dict) -> None:
+    from matplotlib.figure import Figure
+
+    proxy_eval = [json.loads(line) for line in (out / "proxy-rm" / "eval.jsonl").read_text().splitlines() if line.strip()]
+    lines = ["# Over-optimisation testbed", "",
+             f"SmolLM2-135M-Instruct; {n_pairs} training pairs ({args.k} samples a prompt, best vs worst by VADER, Bradley-Terry labels "
+             f"with beta {args.bt_beta}); seeds {args.seeds}; command: `python benchmarks/overoptimization.py "
+             f"{' '.join(sys.argv[1:])}`.", "",
+             f"Proxy reward model, held-out pair accuracy (against the noisy labels): {proxy_eval[0]['rewards/accuracies']:.3f} -> "
+             f"{proxy_eval[-1]['rewards/accuracies']:.3f}.", "",
+             "| method | gold reward, initial | gold reward, best evaluation | gold reward, final | KL at the best | KL, final |",
+             "|---|---|---|---|---|---|"]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for name in methods:
+        gold = "reward_mean" if name in OFFLINE else "gold_reward_mean"
+        curves = [curve(out / f"{name}-seed{seed}", gold) for seed in args.seeds]
+        best = [max(c, key=lambda p: p[1]) for c in curves]
+        lines.append(f"| {name} | {mean_sd([c[0][1] for c in curves])} | {mean_sd([b[1] for b in best])} | {mean_sd([c[-1][1] for c in curves])} "
+                     f"| {mean_sd([b[0] for b in best])} | {mean_sd([c[-1][0] for c in curves])} |")
+        n = min(len(c) for c in curves)
+        mean = [(sum(c[i][0] for c in curves) / len(curves), sum(c[i][1] for c in curves) / len(curves)) for i in range(n)]
+        ax.plot(*zip(*mean), "o-", label=name)
+    ax.set_xlabel("KL to the reference (nats a reply)")
+    ax.set_ylabel("gold reward (VADER) on held-out prompts")
+    ax.set_title("Gold reward against KL, mean over seeds, one point an evaluation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "gold_vs_kl.png", dpi=120)
+    lines += ["", "![gold reward against KL](gold_vs_kl.png)", "", "Wall time of each step (seconds; '-' where it was read back):", ""]
+    lines += [f"- {step}: {'-' if seconds is None else f'{seconds:.0f}'}" for step, seconds in walls.items()]
+    (out / "overoptimization.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

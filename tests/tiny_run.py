@@ -117,3 +117,10 @@ def use_plain_sgd(monkeypatch) -> None:
         return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr)
 
     monkeypatch.setattr(run_module, "make_optimizer", sgd)
+
+
+def one_line(capsys) -> str:
+    """The one error line a refused ``rebelrl train`` printed (and no traceback)."""
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rebelrl train:") or "Traceback" in line]
+    assert len(err) == 1, err
+    return err[0]

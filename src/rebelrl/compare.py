@@ -114,8 +114,8 @@ def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
                     probe = from_dict(TrainConfig, data)
                     budget, per_iteration, unit, lower = _budget(cfg, probe)
                     if budget < per_iteration:  # one iteration would already spend more than the budget
-                        raise ConfigError(f"{'rows_budget' if unit == 'rows' else 'budget'}={budget} is less than one iteration's "
-                                          f"{per_iteration} {unit}: raise it or lower {lower}")
+                        key = "rows_budget" if unit == "rows" else "budget"
+                        raise ConfigError(f"{key}={budget} is less than one iteration's {per_iteration} {unit}: raise the {key} or lower {lower}")
                     data["iterations"] = budget // per_iteration
                     # The runs that sample the held-out prompts share the first one's evaluation of the initial policy.
                     generates = probe.algo != "reward_model" and (probe.algo not in OFFLINE or probe.reward.fn is not None)

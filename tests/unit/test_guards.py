@@ -14,7 +14,7 @@ from rebelrl.errors import NonFiniteError
 from rebelrl.models import tiny_model, tiny_tokenizer
 from rebelrl.train.config import TrainConfig
 from rebelrl.train.optim import make_optimizer, make_schedule
-from tests.tiny_run import PROMPTS, REFUEL_ARGS, TINY_ARGS, setup_task
+from tests.tiny_run import PROMPTS, REFUEL_ARGS, TINY_ARGS, one_line, setup_task
 
 GUARD_MODULE = '''
 from rebelrl.envs import StepResult
@@ -55,12 +55,6 @@ def task(tmp_path, monkeypatch):
 
 def train(prompts, run_dir, *extra):
     return main(["train", *TINY_ARGS, f"task.prompts={prompts}", f"run_dir={run_dir}", "iterations=2", *extra])
-
-
-def one_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rebelrl train:") or "Traceback" in line]
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_a_reward_that_overflows_the_loss_stops_before_any_checkpoint(task, tmp_path, capsys):

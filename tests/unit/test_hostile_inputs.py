@@ -8,7 +8,7 @@ import re
 import pytest
 
 from rebelrl.cli import main
-from tests.tiny_run import REFUEL_ARGS, TINY_ARGS, setup_task
+from tests.tiny_run import REFUEL_ARGS, TINY_ARGS, one_line, setup_task
 
 HOSTILE_MODULE = '''
 import sys
@@ -56,12 +56,6 @@ def task(tmp_path, monkeypatch):
 
 def train(prompts, run_dir, *extra):
     return main(["train", *TINY_ARGS, f"task.prompts={prompts}", f"run_dir={run_dir}", "iterations=1", *extra])
-
-
-def one_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rebelrl train:") or "Traceback" in line]
-    assert len(err) == 1, err
-    return err[0]
 
 
 # --- A: what the user's own code returns, and how it ends -----------------------------------------

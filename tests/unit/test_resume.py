@@ -1,8 +1,6 @@
 """Runs that never lose, corrupt or overwrite: kills at every stage, then --resume; the run-dir rule;
 config changes on resume."""
 
-import json
-import sys
 
 import pytest
 import torch
@@ -12,32 +10,8 @@ from safetensors.torch import load_file
 from rebelrl.cli import main
 from rebelrl.train import checkpoint as checkpoint_module
 from rebelrl.train import metrics as metrics_module
-from tests.tiny_run import PROMPTS, RULE_MODULE, TINY_ARGS, read_jsonl, strip_timings
-
-ITERATIONS = ["iterations=4", "eval.every=2", "checkpoint.every=2"]
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    """The prompts and the reward module, importable for the whole module."""
-    root = tmp_path_factory.mktemp("task")
-    (root / "tiny_rules.py").write_text(RULE_MODULE)
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-
-
-def args(task_dir, run_dir, *extra):
-    return ["train", *TINY_ARGS, f"task.prompts={task_dir / 'prompts.jsonl'}", f"run_dir={run_dir}", *ITERATIONS, *extra]
-
-
-@pytest.fixture(scope="module")
-def full(task_dir):
-    """The uninterrupted run every interrupted one must reproduce."""
-    run = task_dir / "full"
-    assert main(args(task_dir, run)) == 0
-    return run
+from tests.resume_run import ITERATIONS, args, full, task_dir  # noqa: F401  (fixtures)
+from tests.tiny_run import read_jsonl, strip_timings
 
 
 def _die_after_logging(monkeypatch, log_name, iteration):

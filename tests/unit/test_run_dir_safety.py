@@ -6,9 +6,7 @@ run's own checkpoints and refuses a damaged one with one line; a full disk keeps
 checkpoint; a run_dir that cannot be written is one line."""
 
 import errno
-import json
 import os
-import sys
 
 import pytest
 import torch
@@ -16,32 +14,8 @@ import torch
 from rebelrl.algos import run as run_module
 from rebelrl.cli import main
 from rebelrl.train import checkpoint as checkpoint_module
-from tests.tiny_run import PROMPTS, RULE_MODULE, TINY_ARGS, die_after_logging, read_jsonl, strip_timings
-
-ITERATIONS = ["iterations=4", "eval.every=2", "checkpoint.every=2"]
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    (root / "tiny_rules.py").write_text(RULE_MODULE)
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-
-
-def args(task_dir, run_dir, *extra):
-    return ["train", *TINY_ARGS, f"task.prompts={task_dir / 'prompts.jsonl'}", f"run_dir={run_dir}", *ITERATIONS, *extra]
-
-
-@pytest.fixture(scope="module")
-def full(task_dir):
-    """An uninterrupted run: what a resumed one must reproduce, and a foreign run to point at."""
-    run = task_dir / "full"
-    assert main(args(task_dir, run)) == 0
-    return run
-
+from tests.resume_run import ITERATIONS, args, full, task_dir  # noqa: F401  (fixtures)
+from tests.tiny_run import die_after_logging, read_jsonl, strip_timings
 
 @pytest.fixture
 def stopped(task_dir, tmp_path, monkeypatch):

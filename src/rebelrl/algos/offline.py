@@ -24,7 +24,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,7 +36,6 @@ from rebelrl.rewards.reward_model import RewardModelScorer
 from rebelrl.rollout.dialogue import Encoded
 from rebelrl.train.checkpoint import TEMP_SUFFIX
 from rebelrl.train.config import TrainConfig
-from rebelrl.train.memory import release_free_memory
 from rebelrl.types import Conversation, PreferencePair
 
 REF_CACHE = "ref_logps.safetensors"

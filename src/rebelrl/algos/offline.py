@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from rebelrl.algos.run import Run, encode_row
 from rebelrl.logprobs import completion_logprobs, rollout_logprobs
@@ -36,6 +37,7 @@ from rebelrl.rewards.reward_model import RewardModelScorer
 from rebelrl.rollout.dialogue import Encoded
 from rebelrl.train.checkpoint import TEMP_SUFFIX
 from rebelrl.train.config import TrainConfig
+from rebelrl.train.run_dir import RunDirError
 from rebelrl.types import Conversation, PreferencePair
 
 REF_CACHE = "ref_logps.safetensors"
@@ -108,32 +110,62 @@ def reference_logps(run: Run, split: Split, batch_size: int) -> torch.Tensor:
 
 def cached_reference_logps(run: Run, splits: dict[str, Split]) -> None:
     """Fill each split's ``ref_logps``: from the run directory when it holds those of the same data and
-    reference, else computed now (once) and saved there."""
+    reference, whole, else computed now (once) and saved there."""
     m = run.cfg.model
     key = hashlib.sha256(repr((m.ref_name or m.name, m.dtype, m.lora_r > 0,
                                {name: [[(e.prompt, e.completion) for e in enc] for enc in s.encoded] for name, s in splits.items()})).encode()).hexdigest()
     path = run.run_dir / REF_CACHE
-    if path.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            saved_key = (f.metadata() or {}).get("key")
-        if saved_key == key:
-            saved = load_file(str(path), device=str(run.processes.device))
-            for name, split in splits.items():
-                split.ref_logps = saved[name]
-            run.say(f"rebelrl: reference log-probs of {sum(len(s) for s in splits.values())} pairs read from {path}")
-            return
+    if path.exists() and not path.is_file():
+        raise RunDirError(f"{path}: not a file; rebelrl keeps the reference log-probs there: move it out of the run directory")
+    saved, why = _read_reference_cache(path, key, {name: len(s) for name, s in splits.items()}, run.processes.device)
+    if saved is not None:
+        for name, split in splits.items():
+            split.ref_logps = saved[name]
+        run.say(f"rebelrl: reference log-probs of {sum(len(s) for s in splits.values())} pairs read from {path}")
+        return
+    if why:
+        run.say(f"rebelrl: {path} {why}; computing the reference log-probs again")
     t0 = time.perf_counter()
     for split in splits.values():
         split.ref_logps = reference_logps(run, split, run.cfg.update.micro_batch_size)
     if run.processes.is_main:
+        tensors = {name: s.ref_logps.contiguous().cpu() for name, s in splits.items()}
         tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-        save_file({name: s.ref_logps.contiguous().cpu() for name, s in splits.items()}, str(tmp), metadata={"key": key})
+        save_file(tensors, str(tmp), metadata={"key": key, "digest": _digest(tensors)})
         tmp.replace(path)
     run.processes.wait()
     run.say(f"rebelrl: reference log-probs of {sum(len(s) for s in splits.values())} pairs computed once "
             f"({time.perf_counter() - t0:.1f} s) and kept in {path}")
+
+
+def _read_reference_cache(path: Path, key: str, rows: dict[str, int], device) -> tuple[dict | None, str]:
+    """(the cached tensors, "") where ``path`` holds those of ``key``, whole and unchanged; else (None,
+    why not: "" where there is no cache or it is another data's or reference's). A truncated, edited
+    or partial file is never read as values: the digest of the tensors is kept beside the key."""
+    if not path.exists():
+        return None, ""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("key") != key:
+                return None, ""
+            saved = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        return None, f"cannot be read ({type(e).__name__}: {e})"
+    shapes = {name: tuple(t.shape) for name, t in saved.items()}
+    if shapes != {name: (n, 2) for name, n in rows.items()} or any(t.dtype != torch.float32 for t in saved.values()):
+        return None, f"holds tensors of other names, shapes or types ({shapes}) than the pairs need"
+    if metadata.get("digest") != _digest(saved):
+        return None, "holds values that are not the ones saved with its key (edited or damaged)"
+    return {name: t.to(device) for name, t in saved.items()}, ""
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # --- what each method costs -------------------------------------------------------------------------

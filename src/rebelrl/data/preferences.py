@@ -180,9 +180,13 @@ def _margin(value: Any, field: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _RowError(repr(field), f"expected a number (the reward margin of chosen over rejected), got {_type_name(value)}")
-    if not math.isfinite(value):
-        raise _RowError(repr(field), f"expected a finite number, got {value!r}")
-    return float(value)
+    try:  # a JSON integer has no size limit; one past float's range overflows
+        margin = float(value)
+    except OverflowError:
+        margin = math.inf
+    if not math.isfinite(margin):
+        raise _RowError(repr(field), f"expected a finite number, got {margin!r}")
+    return margin
 
 
 # --- demonstrations ---------------------------------------------------------------------------------

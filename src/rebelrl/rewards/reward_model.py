@@ -8,6 +8,7 @@ attention mask instead, so the score is the same whatever the padding side and p
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,6 +85,13 @@ class RewardModelScorer:
         """Load tokenizer and a one-label classification model; ``model_kwargs`` go to the model loader."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from rebelrl.models import ModelNotFoundError, looks_like_path
+
+        folder = Path(str(name_or_path)).expanduser()
+        if looks_like_path(str(name_or_path)) and not (folder / "config.json").is_file():
+            hint = f"; its trained model is in {folder / 'reward_model'}" if (folder / "reward_model" / "config.json").is_file() else ""
+            raise ModelNotFoundError(f"reward model folder not found: {name_or_path} "
+                                     f"({'holds no config.json' if folder.is_dir() else 'no such folder'}){hint}")
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -101,7 +109,8 @@ class RewardModelScorer:
             # A rendered template already holds its special tokens (BOS); message text never becomes one.
             encoded = [encode_chat(self.tokenizer, c.to_chat()) for c in conversations]
         else:
-            encoded = self.tokenizer([render(c, self.tokenizer) for c in conversations])["input_ids"]
+            # Split so that message text that spells a special token ("</s>") stays plain text.
+            encoded = self.tokenizer([render(c, self.tokenizer) for c in conversations], split_special_tokens=True)["input_ids"]
         return [list(ids)[-self.max_length :] for ids in encoded]
 
     def scores(self, sequences: list[list[int]], model: Any = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ against KL. A finished run is read back, not retrained; an unfinished one resume
 
     python benchmarks/overoptimization.py                       # 2 seeds, offline methods
     python benchmarks/overoptimization.py --seeds 0 1 2 --online
-    python benchmarks/overoptimization.py --prompts 64 --epochs 4 --seeds 0   # a quick look
+    python benchmarks/overoptimization.py --prompts 64 --epochs 4 --evals 5 --methods DPO chi-PO   # what the README reports
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--online", action="store_true", help="also REBEL and RLOO on the proxy reward model")
     parser.add_argument("--online-iterations", type=int, default=12)
+    parser.add_argument("--methods", nargs="+", default=None, help=f"a subset of {list(OFFLINE) + list(ONLINE)}")
+    parser.add_argument("--evals", type=int, default=8, help="held-out evaluations a run, besides the initial one")
     args = parser.parse_args()
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,7 @@ def main() -> None:
     data = ["task.name=preferences", f"task.data={pairs}", f"task.eval_data={held_out}", f"task.n_eval={args.eval_prompts}"]
     minibatch = 8
     iterations = max(1, args.epochs * n_pairs // minibatch)
-    every = max(1, iterations // 8)
+    every = max(1, iterations // args.evals)
     print(f"{n_pairs} training pairs; offline runs: {iterations} steps of {minibatch} pairs ({args.epochs} epochs), evaluated every {every}",
           flush=True)
 
@@ -116,6 +118,11 @@ def main() -> None:
     methods = dict(OFFLINE)
     if args.online:
         methods.update(ONLINE)
+    if args.methods:
+        unknown = set(args.methods) - set(OFFLINE) - set(ONLINE)
+        if unknown:
+            parser.error(f"--methods: unknown {sorted(unknown)}")
+        methods = {name: overrides for name, overrides in {**OFFLINE, **ONLINE}.items() if name in args.methods}
     for name, overrides in methods.items():
         for seed in args.seeds:
             run_dir = out / f"{name}-seed{seed}"
@@ -126,7 +133,7 @@ def main() -> None:
             else:
                 scorer = "reward.fn=rebelrl.rewards.reward_model:RewardModelScorer.from_pretrained"
                 run = [*task, *overrides, scorer, f"reward.kwargs.name_or_path={proxy / 'reward_model'}", "eval.gold_fn=vader",
-                       f"iterations={args.online_iterations}", f"eval.every={max(1, args.online_iterations // 6)}",
+                       f"iterations={args.online_iterations}", f"eval.every={max(1, args.online_iterations // args.evals)}",
                        "rollout.prompts_per_iter=16", "update.minibatch_size=8", "update.micro_batch_size=8", f"optim.lr={args.lr}"]
             walls[f"{name}, seed {seed}"] = train(run_dir, [*run, f"seed={seed}"], log)
     report(out, methods, args, n_pairs, walls)

@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from rebelrl.config import ConfigError, field, from_dict, set_dotted, to_dict
 from rebelrl.errors import UserError
 from rebelrl.eval import read_jsonl
-from rebelrl.train.config import TrainConfig
+from rebelrl.train.config import OFFLINE_ALGOS, TrainConfig
 from rebelrl.train.validate import validate
 from rebelrl.train.run_dir import check_writable, is_run_dir
 
@@ -118,7 +118,7 @@ def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
                         raise ConfigError(f"{key}={budget} is less than one iteration's {per_iteration} {unit}: raise the {key} or lower {lower}")
                     data["iterations"] = budget // per_iteration
                     # The runs that sample the held-out prompts share the first one's evaluation of the initial policy.
-                    generates = probe.algo != "reward_model" and (probe.algo not in OFFLINE or probe.reward.fn is not None)
+                    generates = probe.algo != "reward_model" and (probe.algo not in OFFLINE_ALGOS or probe.reward.fn is not None)
                     if first is not None and generates:
                         data.setdefault("eval", {})["initial_from"] = str(first)
                     train_cfg = from_dict(TrainConfig, data)
@@ -126,7 +126,7 @@ def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
                     raise ConfigError(f"task {task['name']}, method {method['name']}: {e}") from None
                 first = first or (run_dir if generates else None)
                 runs.append(Plan(task["name"], method["name"], seed, train_cfg, run_dir))
-    if cfg.rows_budget is not None and not any(r.cfg.algo in OFFLINE for r in runs):
+    if cfg.rows_budget is not None and not any(r.cfg.algo in OFFLINE_ALGOS for r in runs):
         raise ConfigError(f"rows_budget={cfg.rows_budget} is the budget of the offline methods (algo dpo, hypo, sft, reward_model) "
                           "and no method here is one: it would be ignored; remove it")
     folders = {}
@@ -138,13 +138,12 @@ def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
     return runs
 
 
-OFFLINE = ("dpo", "hypo", "sft", "reward_model")
 
 
 def _budget(cfg: CompareConfig, run: TrainConfig) -> tuple[int, int, str, str]:
     """(budget, what one iteration spends of it, its unit, the setting that sets the spend): rows of the
     data for an offline method, generated completions for an online one."""
-    if run.algo in OFFLINE:
+    if run.algo in OFFLINE_ALGOS:
         if cfg.rows_budget is None:
             raise ConfigError(f"algo={run.algo} trains on rows of a data file: set rows_budget (rows each run trains on)")
         return cfg.rows_budget, run.update.minibatch_size, "rows", "update.minibatch_size"
@@ -314,7 +313,7 @@ def write_comparison(root: Path, runs: list[Plan]) -> Path:
             curves[method] = [_curve(r.run_dir) for r in mine]
             finals = [c[-1] for c in curves[method] if c]
             costs = [ledger.get((task, method, r.seed), {}) for r in mine]
-            rows.append(_table_row(method, finals, costs, mine[0].cfg.algo in OFFLINE))
+            rows.append(_table_row(method, finals, costs, mine[0].cfg.algo in OFFLINE_ALGOS))
         lines += [f"## {task}", "", "| method | final held-out reward | KL to ref (nats) | win rate vs initial | held-out pair accuracy | "
                   "budget spent | wall time (min) | peak RSS (GB) | seeds |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
         for name, fig in _figures(task, curves, ledger).items():

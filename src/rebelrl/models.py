@@ -140,7 +140,11 @@ def model_context(name: str) -> int | None:
         return tiny_model_config(tiny_tokenizer()).max_position_embeddings
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model_path(name))
+    return context_length(AutoConfig.from_pretrained(resolve_model_path(name)))
+
+
+def context_length(config) -> int | None:
+    """The context length a model config declares (``max_position_embeddings`` or its other names)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         if isinstance(getattr(config, key, None), int):

@@ -42,7 +42,7 @@ from rebelrl.eval.dialogue import (
 from rebelrl.eval.evaluate import eval_metrics, eval_rows, save_sample_rows
 from rebelrl.fused import fuse_layers
 from rebelrl.logprobs import rollout_logprobs
-from rebelrl.models import AdapterDisabled, Critic, apply_lora, load_causal_lm, load_tokenizer, model_context, peft_quietly
+from rebelrl.models import AdapterDisabled, Critic, apply_lora, context_length, load_causal_lm, load_tokenizer, model_context, peft_quietly
 from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.rollout.chat import ChatTemplateError, encode_prompt
@@ -137,7 +137,7 @@ class Run:
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         budget_key = "eval.max_new_tokens" if eval_budget > r.max_new_tokens else "rollout.max_new_tokens"
         if ref is not None:
-            check_prompt_lengths(task, tokenizer, _context_length(policy), max(r.max_new_tokens, eval_budget), budget_key)
+            check_prompt_lengths(task, tokenizer, context_length(policy.config), max(r.max_new_tokens, eval_budget), budget_key)
             ref.to(processes.device)
         policy.to(processes.device)
         critic = _load_critic(cfg, policy, checkpoint)
@@ -597,14 +597,6 @@ def check_data_lengths(task: Task, tokenizer, context: int | None) -> None:
         check_pair_lengths(rows, wheres, tokenizer, context)
     else:
         check_demonstration_lengths(rows, wheres, tokenizer, context)
-
-
-def _context_length(model) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return None
 
 
 def _load_models(cfg: TrainConfig, checkpoint: Path | None):

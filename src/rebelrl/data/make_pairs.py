@@ -59,10 +59,10 @@ def make_pairs(cfg) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from rebelrl.algos.run import _context_length, check_prompt_lengths
+    from rebelrl.algos.run import check_prompt_lengths
     from rebelrl.envs import build_task, task_reward
     from rebelrl.eval.evaluate import score_conversations
-    from rebelrl.models import load_causal_lm, load_tokenizer
+    from rebelrl.models import context_length, load_causal_lm, load_tokenizer
     from rebelrl.rewards import checked_reward
     from rebelrl.rollout import HFGenerator, SamplingParams
     from rebelrl.train.threads import pin_threads
@@ -76,7 +76,7 @@ def make_pairs(cfg) -> dict:
     reward_name, reward_fn = task_reward(task, cfg.reward)
     tokenizer = load_tokenizer(cfg.model, cfg.task.prompt_format)
     model = load_causal_lm(cfg.model, cfg.dtype)
-    check_prompt_lengths(task, tokenizer, _context_length(model), cfg.max_new_tokens, "max_new_tokens")
+    check_prompt_lengths(task, tokenizer, context_length(model.config), cfg.max_new_tokens, "max_new_tokens")
     generator = HFGenerator(model, tokenizer, cfg.batch_size)
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.repetition_penalty)
     k = cfg.samples_per_prompt

@@ -283,7 +283,9 @@ def check_shares(cfg, processes: int, steps_in_backward: bool = False) -> None:
         return
     if cfg.eval.gold_fn is not None:
         raise ConfigError("eval.gold_fn judges the held-out samples in one process for now: launch without --num_processes")
-    if cfg.algo in ("dpo", "hypo", "sft", "reward_model"):
+    from rebelrl.train.config import OFFLINE_ALGOS
+
+    if cfg.algo in OFFLINE_ALGOS:
         raise ConfigError(f"algo={cfg.algo} runs in one process for now: its metrics and held-out evaluation are not yet combined "
                           "across processes; launch it without --num_processes")
     if cfg.rollout.prompts_per_iter % processes:

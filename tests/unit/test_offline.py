@@ -224,3 +224,11 @@ def test_a_gold_reward_judges_the_same_held_out_samples(tmp_path, monkeypatch):
     assert all(e["gold_reward_mean"] == pytest.approx(e["reward_mean"]) for e in evals)
     assert main(["train", *COMMON, "algo=reward_model", "task.name=preferences", "task.data=x.jsonl", "eval.gold_fn=vader",
                  f"run_dir={tmp_path / 'no'}"]) == 2
+
+
+def test_hypo_recomputes_log_pi_t_when_the_samplers_record_drifts(tmp_path):
+    """rollout.logprob_tolerance is honoured by HyPO's samples as by the online loops: a tolerance
+    no record meets makes the first pass recompute log pi_t, and the gap logged is the recomputed one."""
+    run = train(tmp_path, "hypo", "iterations=2", "rollout.logprob_tolerance=1e-12")
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert metrics[0]["old_logps_recomputed"] == 1.0 and metrics[-1]["logp_mismatch_max"] < 1e-3

@@ -18,6 +18,7 @@ directory (``ref_logps.safetensors``), so epochs and resumed runs never compute 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import shutil
@@ -62,8 +63,9 @@ class Split:
         """The sequences of ``rows``, row-major: a pair's chosen then rejected."""
         return [e for i in rows.tolist() for e in self.encoded[i]]
 
+    @functools.cached_property
     def lengths(self) -> torch.Tensor:
-        """(N,) tokens of each row's longest sequence, to group rows of similar length."""
+        """(N,) tokens of each row's longest sequence, to group rows of similar length (computed once)."""
         return torch.tensor([max(len(e.prompt) + len(e.completion) for e in enc) for enc in self.encoded])
 
 
@@ -103,7 +105,7 @@ def reference_logps(run: Run, split: Split, batch_size: int) -> torch.Tensor:
     """(N, 2) log pi_ref of every pair of ``split``, a batch of rows of similar length at a time."""
     device = run.processes.device
     out = torch.zeros(len(split), 2, device=device)
-    for rows in split.lengths().argsort(stable=True).split(batch_size):
+    for rows in split.lengths.argsort(stable=True).split(batch_size):
         out[rows.to(device)] = pair_logps(run.ref, split, rows, run.tokenizer.pad_token_id, device)
     return out
 
@@ -235,34 +237,40 @@ def preference_objective(cfg: TrainConfig) -> Objective:
 
 
 def sft_objective(cfg: TrainConfig) -> Objective:
+    def forward(run: Run, model, sequences: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(n, T) log-probs and targets, and the token accuracy, from one forward pass."""
+        prompt_ids, prompt_mask, completion_ids, completion_mask, targets = batch_tensors(sequences, run.tokenizer.pad_token_id,
+                                                                                            run.processes.device)
+        logps, hidden = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 1.0, return_hidden=True)
+        return logps, targets, _token_accuracy(run.policy.get_output_embeddings(), hidden, completion_ids, targets)
+
     def loss(run: Run, split: Split, rows: torch.Tensor):
-        logps, targets = token_logps(run.learner, split.sequences(rows), run.tokenizer.pad_token_id, run.processes.device)
+        logps, targets, accuracy = forward(run, run.learner, split.sequences(rows))
         value, metrics = sft_loss(logps, targets)
-        return value, {**metrics, "mean_token_accuracy": _token_accuracy(run, split.sequences(rows))}
+        return value, {**metrics, "mean_token_accuracy": accuracy}
 
     @torch.no_grad()
     def held_out(run: Run, split: Split):
         nll, tokens, right = 0.0, 0, 0.0
         for rows in torch.arange(len(split)).split(cfg.update.micro_batch_size):
-            sequences = split.sequences(rows)
-            logps, targets = token_logps(run.policy, sequences, run.tokenizer.pad_token_id, run.processes.device)
+            logps, targets, accuracy = forward(run, run.policy, split.sequences(rows))
             n = int(targets.sum())
-            nll, tokens = nll - (logps * targets).sum().item(), tokens + n
-            right += _token_accuracy(run, sequences) * n
+            nll, tokens, right = nll - (logps * targets).sum().item(), tokens + n, right + accuracy * n
         return {"loss": nll / max(tokens, 1), "mean_token_accuracy": right / max(tokens, 1), "num_tokens": tokens}
 
     return Objective(loss, held_out, per_token=True)
 
 
 @torch.no_grad()
-def _token_accuracy(run: Run, sequences: list[Encoded]) -> float:
-    """Fraction of target tokens that are the model's most likely next token (TRL's mean_token_accuracy)."""
-    prompt_ids, prompt_mask, completion_ids, completion_mask, targets = batch_tensors(sequences, run.tokenizer.pad_token_id, run.processes.device)
-    _, hidden = completion_logprobs(run.policy, prompt_ids, prompt_mask, completion_ids, completion_mask, 1.0, return_hidden=True)
+def _token_accuracy(head: torch.nn.Module, hidden: torch.Tensor, completion_ids: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of target tokens that are the model's most likely next token (TRL's mean_token_accuracy),
+    from the final hidden states (n, T, H) of the forward that computed the loss: the output head on the
+    target positions only, a chunk of rows at a time, never the (n, T, V) logits."""
     picked = targets.bool()
-    head = run.policy.get_output_embeddings()
-    predicted = torch.cat([head(h).argmax(-1) for h in hidden[picked].split(1024)]) if picked.any() else completion_ids[picked]
-    return (predicted == completion_ids[picked]).float().mean().item() if picked.any() else 0.0
+    if not picked.any():
+        return 0.0
+    predicted = torch.cat([head(h).argmax(-1) for h in hidden.detach()[picked].split(1024)])
+    return (predicted == completion_ids[picked]).float().mean().item()
 
 
 def reward_model_objective(cfg: TrainConfig) -> Objective:
@@ -329,10 +337,12 @@ def sample_replies(run: Run, prompts: list[Conversation]) -> tuple[Samples, dict
     return Samples(rollout, old, ref, from_sampler), metrics
 
 
-def kl_step(run: Run, samples: Samples, weight_total: int, first: bool) -> tuple[float, dict, float | None]:
+def kl_step(run: Run, samples: Samples, first: bool) -> tuple[float, dict, float | None]:
     """Accumulate the gradient of kl_coef * KL(pi || pi_ref) on the samples, groups of prompts at a
-    time (weight: groups in the micro-batch / ``weight_total``); returns the loss, its metrics and the
-    largest gap between pi_theta and pi_t before the step (``first``: checked on this pass)."""
+    time, each weighted by its share of the groups; returns the loss, its metrics and, on the ``first``
+    pass (theta is still theta_t), the largest gap between pi_theta and pi_t. A gap past
+    ``rollout.logprob_tolerance`` on the sampler's record recomputes log pi_t for every sample before
+    any of them enters the loss, and from then on, as the online loops do."""
     r, k = samples.rollout, run.cfg.rollout.samples_per_prompt
     groups = torch.arange(samples.old_logps.shape[0])
     per_micro = max(1, run.cfg.update.micro_batch_size // k)
@@ -342,23 +352,29 @@ def kl_step(run: Run, samples: Samples, weight_total: int, first: bool) -> tuple
         with run.micro_batch(last=j == math.ceil(len(groups) / per_micro) - 1):
             logps = completion_logprobs(run.learner, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
                                         run.sampling.logprob_temperature).sum(1).view(-1, k)  # (m, k)
+            mine = micro.to(logps.device)
             if first:
-                gap = max(gap or 0.0, (logps.detach() - samples.old_logps[micro.to(logps.device)]).abs().max().item())
-            loss, metrics = hypo_kl_loss(logps, samples.old_logps[micro.to(logps.device)], samples.ref_logps[micro.to(logps.device)],
-                                         run.cfg.hypo.kl_coef)
-            run.backward(loss * len(micro) / weight_total)
-        total += loss.item() * len(micro) / weight_total
+                here = run.first_step_gap((logps.detach() - samples.old_logps[mine]).abs().max().item())
+                if here > run.cfg.rollout.logprob_tolerance and samples.from_sampler:
+                    run.stop_trusting_sampler(here)
+                    old_tokens, samples.from_sampler = run.old_token_logps(r)
+                    samples.old_logps = (old_tokens * r.completion_mask).sum(1).view(-1, k)
+                    here = (logps.detach() - samples.old_logps[mine]).abs().max().item()
+                gap = max(gap or 0.0, here)
+            loss, metrics = hypo_kl_loss(logps, samples.old_logps[mine], samples.ref_logps[mine], run.cfg.hypo.kl_coef)
+            run.backward(loss * len(micro) / len(groups))
+        total += loss.item() * len(micro) / len(groups)
     return total, metrics, gap
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
 
 
-def update(run: Run, objective: Objective, split: Split, rows: torch.Tensor, samples: Samples | None) -> tuple[dict, float | None]:
+def update(run: Run, objective: Objective, split: Split, rows: torch.Tensor, samples: Samples | None) -> dict:
     """``update.epochs`` optimizer steps on the iteration's rows (and HyPO's samples), each accumulated
     over micro-batches weighted by their share of the rows (or target tokens) of every process."""
     cfg = run.cfg.update
-    rows = rows[split.lengths()[rows].argsort(stable=True)]  # micro-batches of rows of similar length
+    rows = rows[split.lengths[rows].argsort(stable=True)]  # micro-batches of rows of similar length
     micros = rows.split(cfg.micro_batch_size)
     if objective.per_token:
         tokens = [sum(sum(e.targets) for e in split.sequences(m)) for m in micros]
@@ -376,7 +392,7 @@ def update(run: Run, objective: Objective, split: Split, rows: torch.Tensor, sam
             step += loss.item() * tokens[j] / total
             fit.append(metrics)
         if samples is not None:  # HyPO: the KL to the reference on the policy's own samples
-            kl, metrics, gap = kl_step(run, samples, samples.old_logps.shape[0], first=epoch == 0)
+            kl, metrics, gap = kl_step(run, samples, first=epoch == 0)
             step += kl
             fit.append(metrics)
             mismatch = gap if gap is not None else mismatch
@@ -387,7 +403,7 @@ def update(run: Run, objective: Objective, split: Split, rows: torch.Tensor, sam
     if samples is None:
         for key in ("logp_mismatch_max", "old_logps_recomputed"):
             metrics.pop(key)
-    return metrics, mismatch
+    return metrics
 
 
 def prepare(run: Run, objective: Objective) -> tuple[Split, Split]:
@@ -418,7 +434,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if cfg.algo == "hypo":
             samples, metrics = sample_replies(run, [train_rows.rows[i].prompt for i in rows.tolist()])
         t1 = time.perf_counter()
-        trained, _ = update(run, objective, train_rows, rows, samples)
+        trained = update(run, objective, train_rows, rows, samples)
         metrics.update(trained)
         metrics.update({"rows": len(rows), "tokens": sum(len(e.completion) for e in train_rows.sequences(rows)),
                         "time/rollout": t1 - t0, "time/train": time.perf_counter() - t1, "time/total": time.perf_counter() - t0})

@@ -208,6 +208,9 @@ def test_a_pair_longer_than_the_context_is_refused_naming_its_row_before_any_mod
     (["algo=hypo", "task.name=preferences", "task.data=x.jsonl", "rollout.samples_per_prompt=1"], "rollout.samples_per_prompt=1: expected >= 2"),
     (["algo=reward_model", "task.name=preferences", "task.data=x.jsonl", "model.lora_r=4"], "algo=reward_model trains the whole network"),
     (["algo=dpo", "task.name=preferences", "task.data=x.jsonl", "dpo.beta=0"], "dpo.beta=0.0: expected > 0"),
+    (["algo=sft", "task.name=preferences", "task.data=x.jsonl", "model.ref_name=tiny-random"], "model.ref_name='tiny-random': algo=sft without a reward"),
+    (["algo=reward_model", "task.name=preferences", "task.data=x.jsonl", "model.activation_checkpointing=true"],
+     "model.activation_checkpointing is not applied to a reward model's forward yet"),
 ])
 def test_offline_settings_that_cannot_work_are_refused(tmp_path, capsys, override, message):
     assert main(["train", "model.name=tiny-random", *override, f"run_dir={tmp_path / 'r'}"]) == 2

@@ -25,13 +25,14 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from rebelrl.algos.run import Run, encode_row
+from rebelrl.algos.run import Run, _load_models, encode_row
 from rebelrl.logprobs import completion_logprobs, rollout_logprobs
 from rebelrl.losses import bradley_terry_loss, chipo_loss, dpo_loss, hypo_kl_loss, ipo_loss, sft_loss
 from rebelrl.rewards.reward_model import RewardModelScorer
@@ -424,7 +425,7 @@ def prepare(run: Run, objective: Objective) -> tuple[Split, Split]:
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Run DPO / IPO / chi-PO, HyPO, SFT or a reward model on the configured data; returns the summary."""
     objective = OBJECTIVES[cfg.algo](cfg)
-    run = Run.start(cfg, steps_per_iteration=cfg.update.epochs, load_models=_reward_model if cfg.algo == "reward_model" else None)
+    run = Run.start(cfg, steps_per_iteration=cfg.update.epochs, load_models=_loader(cfg))
     train_rows, held_out_rows = prepare(run, objective)
     run.held_out = lambda r: objective.held_out(r, held_out_rows)
     for iteration in run.progress():
@@ -456,6 +457,16 @@ def _save_reward_model(run: Run) -> None:
     tmp.replace(final)
     run.say(f"rebelrl: reward model saved in {final} (reward.fn=rebelrl.rewards.reward_model:RewardModelScorer.from_pretrained "
             f"reward.kwargs.name_or_path={final})")
+
+
+def _loader(cfg: TrainConfig) -> Callable | None:
+    """How the run loads its models: a reward model alone; SFT without a reward names no reference (it
+    never compares with one, so no second copy of the network is held); the others, Run's own."""
+    if cfg.algo == "reward_model":
+        return _reward_model
+    if cfg.algo == "sft" and cfg.reward.fn is None:
+        return partial(_load_models, with_ref=False)
+    return None
 
 
 def _reward_model(cfg: TrainConfig, checkpoint: Path | None):

@@ -599,7 +599,8 @@ def check_data_lengths(task: Task, tokenizer, context: int | None) -> None:
         check_demonstration_lengths(rows, wheres, tokenizer, context)
 
 
-def _load_models(cfg: TrainConfig, checkpoint: Path | None):
+def _load_models(cfg: TrainConfig, checkpoint: Path | None, with_ref: bool = True):
+    """(policy, reference); ``with_ref=False``: no reference (a run that never compares with it), None."""
     m = cfg.model
     if m.lora_r > 0:
         base = load_causal_lm(m.name, m.dtype, cfg.seed)
@@ -613,13 +614,15 @@ def _load_models(cfg: TrainConfig, checkpoint: Path | None):
         ref = load_causal_lm(m.ref_name, m.dtype, cfg.seed) if m.ref_name else AdapterDisabled(policy)
     else:
         policy = load_causal_lm(str(checkpoint / "model") if checkpoint else m.name, m.dtype, cfg.seed)
-        ref = load_causal_lm(m.ref_name or m.name, m.dtype, cfg.seed)
+        ref = load_causal_lm(m.ref_name or m.name, m.dtype, cfg.seed) if with_ref else None
     if m.activation_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (LoRA freezes the embeddings).
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     fuse_layers(policy)  # Llama-style MLPs and norms keep less for the backward pass
     # Dropout stays off while training too: the policy that is regressed must be the one that sampled.
     policy.eval()
+    if not with_ref:
+        return policy, None
     ref.eval()
     ref.requires_grad_(False)
     return policy, ref
@@ -654,7 +657,8 @@ def sample_metrics(rollout, scores: torch.Tensor) -> dict[str, float]:
 
 
 # What decides the samples and scores of an evaluation of the initial policy.
-_MEASUREMENT_KEYS = ("model", "task", "reward", "eval.temperature", "eval.max_new_tokens", "eval.seed", "rollout.temperature",
+_MEASUREMENT_KEYS = ("model", "task", "reward", "eval.temperature", "eval.max_new_tokens", "eval.seed", "eval.gold_fn", "eval.gold_kwargs",
+                     "rollout.temperature",
                      "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens", "rollout.repetition_penalty", "rollout.min_new_tokens")
 
 

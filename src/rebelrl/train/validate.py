@@ -263,6 +263,12 @@ def _offline_relations(cfg) -> None:
         raise ConfigError(f"task.name={cfg.task.name} needs task.data: a .jsonl/.parquet file, a datasets folder or hf:NAME[:SPLIT]")
     if cfg.algo == "reward_model" and cfg.model.lora_r > 0:
         raise ConfigError("algo=reward_model trains the whole network and its score head: set model.lora_r=0")
+    if cfg.algo == "reward_model" and cfg.model.activation_checkpointing:
+        raise ConfigError("model.activation_checkpointing is not applied to a reward model's forward yet, so it would be ignored: "
+                          "set it to false for algo=reward_model")
+    if cfg.model.ref_name and (cfg.algo == "reward_model" or (cfg.algo == "sft" and cfg.reward.fn is None)):
+        raise ConfigError(f"model.ref_name={cfg.model.ref_name!r}: algo={cfg.algo}{'' if cfg.algo == 'reward_model' else ' without a reward'} "
+                          "never compares with a reference, so it would be ignored; remove it")
     if cfg.eval.gold_fn is not None and (cfg.algo in ("refuel", "reward_model") or (cfg.algo in DATA_TASKS["preferences"] and cfg.reward.fn is None)):
         raise ConfigError(f"eval.gold_fn judges the held-out samples of a single-turn run that samples them (a reward named): with "
                           f"algo={cfg.algo}{'' if cfg.algo in ('refuel', 'reward_model') else ' and no reward.fn'} it would be ignored")

@@ -9,16 +9,19 @@ One command builds it all from a fresh checkout, in ``--out`` (default ``runs/ov
 2. proxy: ``rebelrl train algo=reward_model`` on those labels (the proxy reward model).
 3. offline: DPO, IPO and chi-PO (``dpo.loss``) and HyPO on the same pairs for ``--epochs`` epochs,
    every held-out evaluation judged by the gold reward (``reward.fn=vader``: the methods never read it).
-4. online (with ``--online``): REBEL and RLOO optimise the proxy reward model; ``eval.gold_fn=vader``
-   judges the same held-out samples with the gold reward.
+4. online (with ``--online``): REBEL, PPO and RLOO optimise the proxy reward model; ``eval.gold_fn=vader``
+   judges the same held-out samples with the gold reward, so gold and proxy reward are read side by side.
 
 It writes ``overoptimization.md``: for each method and seed the gold reward and KL at every
 evaluation, the final and the best gold reward (mean ± sd over seeds), and plots of gold reward
-against KL. A finished run is read back, not retrained; an unfinished one resumes.
+against KL (and, for the online methods, proxy reward against KL). A finished run is read back, not
+retrained; an unfinished one resumes. The report covers every method whose runs have finished for
+all the seeds asked, so methods can be added one command at a time.
 
     python benchmarks/overoptimization.py                       # 2 seeds, offline methods
     python benchmarks/overoptimization.py --seeds 0 1 2 --online
-    python benchmarks/overoptimization.py --prompts 64 --epochs 4 --evals 5 --methods DPO chi-PO   # what the README reports
+    python benchmarks/overoptimization.py --prompts 64 --epochs 4 --evals 5 --methods DPO chi-PO IPO HyPO   # what the README reports
+    python benchmarks/overoptimization.py --prompts 64 --epochs 4 --evals 5 --online --methods REBEL PPO RLOO
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ OFFLINE = {  # name: overrides
 }
 ONLINE = {
     "REBEL": ["algo=rebel", "rebel.eta=3.0", "rebel.kl_coef=0.0"],
+    "PPO": ["algo=ppo", "rollout.samples_per_prompt=2", "ppo.kl_coef=0.0"],
     "RLOO": ["algo=rloo", "rollout.samples_per_prompt=4", "rloo.kl_coef=0.0", "update.epochs=1"],
 }
+WALL = "testbed_wall_seconds.json"  # written next to each run's own files: its wall time, kept for later reports
 
 
 def rebelrl(*args: str, log: Path) -> float:
@@ -58,15 +63,19 @@ def rebelrl(*args: str, log: Path) -> float:
 
 
 def train(run_dir: Path, args: list[str], log: Path) -> float | None:
-    if (run_dir / "report.md").exists():
-        return None
-    return rebelrl("train", *COMMON, *args, f"run_dir={run_dir}", *(["--resume"] if run_dir.exists() else []), log=log)
+    """Train (or resume) the run unless it finished; returns its wall time over every launch, None if unknown."""
+    wall = run_dir / WALL
+    if not (run_dir / "report.md").exists():
+        before = json.loads(wall.read_text()) if wall.exists() else 0.0
+        seconds = rebelrl("train", *COMMON, *args, f"run_dir={run_dir}", *(["--resume"] if run_dir.exists() else []), log=log)
+        wall.write_text(json.dumps(before + seconds))
+    return json.loads(wall.read_text()) if wall.exists() else None
 
 
-def curve(run_dir: Path, gold: str) -> list[tuple[float, float]]:
-    """(KL to the reference, gold reward) at each evaluation."""
+def curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
+    """(KL to the reference, ``key``) at each evaluation."""
     rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["kl_to_ref"], r[gold]) for r in rows]
+    return [(r["kl_to_ref"], r[key]) for r in rows]
 
 
 def mean_sd(values: list[float]) -> str:
@@ -89,6 +98,7 @@ def main() -> None:
     parser.add_argument("--online-iterations", type=int, default=12)
     parser.add_argument("--methods", nargs="+", default=None, help=f"a subset of {list(OFFLINE) + list(ONLINE)}")
     parser.add_argument("--evals", type=int, default=8, help="held-out evaluations a run, besides the initial one")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every training run (e.g. threads=1)")
     args = parser.parse_args()
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -135,43 +145,70 @@ def main() -> None:
                 run = [*task, *overrides, scorer, f"reward.kwargs.name_or_path={proxy / 'reward_model'}", "eval.gold_fn=vader",
                        f"iterations={args.online_iterations}", f"eval.every={max(1, args.online_iterations // args.evals)}",
                        "rollout.prompts_per_iter=16", "update.minibatch_size=8", "update.micro_batch_size=8", f"optim.lr={args.lr}"]
-            walls[f"{name}, seed {seed}"] = train(run_dir, [*run, f"seed={seed}"], log)
-    report(out, methods, args, n_pairs, walls)
+            walls[f"{name}, seed {seed}"] = train(run_dir, [*run, f"seed={seed}", *args.overrides], log)
+    finished = [name for name in {**OFFLINE, **ONLINE} if all((out / f"{name}-seed{seed}" / "report.md").exists() for seed in args.seeds)]
+    for name in finished:
+        for seed in args.seeds:
+            wall = out / f"{name}-seed{seed}" / WALL
+            walls.setdefault(f"{name}, seed {seed}", json.loads(wall.read_text()) if wall.exists() else None)
+    report(out, finished, args, n_pairs, walls)
 
 
-def report(out: Path, methods: dict, args, n_pairs: int, walls: dict) -> None:
+def report(out: Path, methods: list[str], args, n_pairs: int, walls: dict) -> None:
     from matplotlib.figure import Figure
 
     proxy_eval = [json.loads(line) for line in (out / "proxy-rm" / "eval.jsonl").read_text().splitlines() if line.strip()]
     lines = ["# Over-optimisation testbed", "",
              f"SmolLM2-135M-Instruct; {n_pairs} training pairs ({args.k} samples a prompt, best vs worst by VADER, Bradley-Terry labels "
-             f"with beta {args.bt_beta}); seeds {args.seeds}; command: `python benchmarks/overoptimization.py "
+             f"with beta {args.bt_beta}); seeds {args.seeds}; last command: `python benchmarks/overoptimization.py "
              f"{' '.join(sys.argv[1:])}`.", "",
              f"Proxy reward model, held-out pair accuracy (against the noisy labels): {proxy_eval[0]['rewards/accuracies']:.3f} -> "
              f"{proxy_eval[-1]['rewards/accuracies']:.3f}.", "",
+             "Gold reward (VADER, never seen by any method) on the held-out prompts; mean ± sd over seeds:", "",
              "| method | gold reward, initial | gold reward, best evaluation | gold reward, final | KL at the best | KL, final |",
              "|---|---|---|---|---|---|"]
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
+    online = [name for name in methods if name in ONLINE]
+    fig = Figure(figsize=(12 if online else 7, 4.5))
+    ax = fig.add_subplot(1, 2 if online else 1, 1)
     for name in methods:
         gold = "reward_mean" if name in OFFLINE else "gold_reward_mean"
         curves = [curve(out / f"{name}-seed{seed}", gold) for seed in args.seeds]
         best = [max(c, key=lambda p: p[1]) for c in curves]
         lines.append(f"| {name} | {mean_sd([c[0][1] for c in curves])} | {mean_sd([b[1] for b in best])} | {mean_sd([c[-1][1] for c in curves])} "
                      f"| {mean_sd([b[0] for b in best])} | {mean_sd([c[-1][0] for c in curves])} |")
-        n = min(len(c) for c in curves)
-        mean = [(sum(c[i][0] for c in curves) / len(curves), sum(c[i][1] for c in curves) / len(curves)) for i in range(n)]
-        ax.plot(*zip(*mean), "o-", label=name)
+        ax.plot(*zip(*_mean_curve(curves)), "o-", label=name)
     ax.set_xlabel("KL to the reference (nats a reply)")
     ax.set_ylabel("gold reward (VADER) on held-out prompts")
-    ax.set_title("Gold reward against KL, mean over seeds, one point an evaluation")
+    ax.set_title("Gold reward against KL (mean over seeds)")
     ax.legend(fontsize=8)
+    if online:
+        lines += ["", "The online methods' proxy reward (the reward model they optimise) beside their gold reward, same evaluations:", "",
+                  "| method | proxy reward, initial | proxy reward, final | gold reward, initial | gold reward, final | KL, final |",
+                  "|---|---|---|---|---|---|"]
+        ax2 = fig.add_subplot(1, 2, 2)
+        for name in online:
+            proxy = [curve(out / f"{name}-seed{seed}", "reward_mean") for seed in args.seeds]
+            gold = [curve(out / f"{name}-seed{seed}", "gold_reward_mean") for seed in args.seeds]
+            lines.append(f"| {name} | {mean_sd([c[0][1] for c in proxy])} | {mean_sd([c[-1][1] for c in proxy])} | {mean_sd([c[0][1] for c in gold])} "
+                         f"| {mean_sd([c[-1][1] for c in gold])} | {mean_sd([c[-1][0] for c in gold])} |")
+            line, = ax2.plot(*zip(*_mean_curve(proxy)), "s--", label=f"{name}, proxy")
+            ax2.plot(*zip(*_mean_curve(gold)), "o-", color=line.get_color(), label=f"{name}, gold")
+        ax2.set_xlabel("KL to the reference (nats a reply)")
+        ax2.set_ylabel("reward on held-out prompts")
+        ax2.set_title("Online methods: proxy (optimised) and gold reward")
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "gold_vs_kl.png", dpi=120)
-    lines += ["", "![gold reward against KL](gold_vs_kl.png)", "", "Wall time of each step (seconds; '-' where it was read back):", ""]
+    lines += ["", "![gold reward against KL](gold_vs_kl.png)", "", "Wall time of each run (seconds, every launch of it; '-' unknown):", ""]
     lines += [f"- {step}: {'-' if seconds is None else f'{seconds:.0f}'}" for step, seconds in walls.items()]
     (out / "overoptimization.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """Point-wise mean over seeds of (KL, reward) curves, cut to the shortest."""
+    n = min(len(c) for c in curves)
+    return [(sum(c[i][0] for c in curves) / len(curves), sum(c[i][1] for c in curves) / len(curves)) for i in range(n)]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ curves are saved as ``per_turn.png`` next to the runs.
     python benchmarks/refuel_vs_baselines.py --task number     # plain guess-my-number, configs/number.yaml
     python benchmarks/refuel_vs_baselines.py --seeds 0 1 2     # three training seeds per method
     python benchmarks/refuel_vs_baselines.py iterations=4      # overrides go to every run
+    python benchmarks/refuel_vs_baselines.py --methods REFUEL "single-turn REBEL"
 
 A run whose report exists is read, not retrained; one started but unfinished is resumed (from scratch if it has no checkpoint).
 """
@@ -22,6 +23,7 @@ import argparse
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -100,26 +102,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["hint", "number", "secret"], default="hint", help="configs/{task}.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds per method (default: 0)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="which methods (default: all)")
     parser.add_argument("--out", default=None, help="parent folder of the runs (default runs/compare-{task})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     out = Path(args.out or f"runs/compare-{args.task}")
     config = ROOT / f"configs/{args.task}.yaml"
-    results = {}
-    for name, (suffix, method_overrides) in METHODS.items():
-        run_dirs = []
-        for seed in args.seeds:
+    methods = {name: METHODS[name] for name in args.methods}
+    runs: dict[str, list[Path]] = {name: [] for name in methods}
+    initial_from = None  # the first finished run's initial evaluation serves every later one (same model, games, seed)
+    for seed in args.seeds:  # seed by seed, so that an interrupted benchmark has every method at the seeds it finished
+        for name, (suffix, method_overrides) in methods.items():
             run_dir = out / (suffix if args.seeds == [0] else f"{suffix}-seed{seed}")
-            run_dirs.append(run_dir)
-            if (run_dir / "report.md").exists():
-                continue
-            cmd = [sys.executable, "-m", "rebelrl.cli", "train", str(config), f"run_dir={run_dir}", f"seed={seed}", *method_overrides, *args.overrides]
-            if run_dir.exists():
-                cmd.append("--resume")
-            print(f"== {name}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
-            subprocess.run(cmd, check=True)
-        results[name] = summarize(run_dirs)
-    games = results["REFUEL"]["games"]
+            runs[name].append(run_dir)
+            if not (run_dir / "report.md").exists():
+                cmd = [sys.executable, "-m", "rebelrl.cli", "train", str(config), f"run_dir={run_dir}", f"seed={seed}", *method_overrides, *args.overrides]
+                if initial_from is not None:
+                    cmd.append(f"eval.initial_from={initial_from}")
+                if run_dir.exists():
+                    cmd.append("--resume")
+                print(f"== {name}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
+                start = time.perf_counter()
+                subprocess.run(cmd, check=True)
+                print(f"== {name}, seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+            initial_from = initial_from or run_dir
+    results = {name: summarize(run_dirs) for name, run_dirs in runs.items()}
+    games = next(iter(results.values()))["games"]
     print(f"\nFinal evaluation against the initial policy, {games} held-out games (x seeds), mean ± standard error:\n")
     print(table(results))
     out.mkdir(parents=True, exist_ok=True)

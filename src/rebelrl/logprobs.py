@@ -117,6 +117,39 @@ def completion_logprobs(
     return logps, states
 
 
+def packed_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log pi at temperature 1 of the ``targets`` of packed sequences, and the final hidden
+    states that predict them.
+
+    Each row of ``input_ids`` (n, L) holds several sequences one after the other, ``position_ids``
+    (n, L) restarting at 0 where each begins. With no attention mask, Transformers reads the
+    restarts as sequence boundaries and lets each token attend only to its own sequence (a model
+    whose attention ignores them must not be packed: the caller checks against the unpacked
+    log-probs once). ``targets`` (n, L) marks the tokens to score; the first token of a sequence
+    has nothing before it and must not be one.
+
+    Returns:
+        (n, L-1) float32 log-probs of tokens 1..L-1, zero where not a target, and (n, L-1, H) the
+        hidden states at positions 0..L-2, each predicting the next token.
+    """
+    hf = _unwrap(model)
+    head = _plain_head(hf)
+    inputs = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    labels, picked = input_ids[:, 1:], targets[:, 1:]
+    with _layers_checkpointed(model):
+        if head is None:
+            out = model(**inputs, output_hidden_states=True)
+            logps = token_logprobs(out.logits[:, :-1], labels) * picked.to(torch.float32)
+            return logps, out.hidden_states[-1][:, :-1]
+        with _final_hidden(hf) as final:
+            out = model(**inputs, logits_to_keep=1)
+        if not _check_plain_head(hf, head, final.hidden[:, -1], out.logits[:, -1]):
+            return packed_logprobs(model, input_ids, position_ids, targets)  # the plain path from now on
+    states = final.hidden[:, :-1]  # (n, L-1, H)
+    return _head_logprobs(states, head, labels, picked, 1.0), states
+
+
 def _used_columns(prompt_mask: torch.Tensor, completion_mask: torch.Tensor) -> tuple[int, int]:
     """The first prompt column and the end of the completion columns that some row uses; at least one
     completion column is kept."""

@@ -33,12 +33,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rebelrl.algos.run import Run, _load_models, encode_row
-from rebelrl.logprobs import completion_logprobs, rollout_logprobs
+from rebelrl.logprobs import completion_logprobs, packed_logprobs, rollout_logprobs
 from rebelrl.losses import bradley_terry_loss, chipo_loss, dpo_loss, hypo_kl_loss, ipo_loss, sft_loss
 from rebelrl.rewards.reward_model import RewardModelScorer
 from rebelrl.rollout.dialogue import Encoded
 from rebelrl.train.checkpoint import TEMP_SUFFIX
 from rebelrl.train.config import TrainConfig
+from rebelrl.config import ConfigError
 from rebelrl.train.run_dir import RunDirError
 from rebelrl.types import Conversation, PreferencePair
 
@@ -99,6 +100,58 @@ def pair_logps(model, split: Split, rows: torch.Tensor, pad_id: int, device) -> 
     """(m, 2) log pi(y|x) of chosen and rejected of each of ``rows``, summed over the reply's tokens."""
     logps, targets = token_logps(model, split.sequences(rows), pad_id, device)
     return (logps * targets).sum(1).view(-1, 2)
+
+
+def pack(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Best-fit decreasing: the indices of ``lengths`` in bins whose lengths add up to at most
+    ``max_length``, longest first; none is split. Each item goes to the bin it leaves least room in
+    (the first such bin on ties), else to a new bin."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > max_length:
+            raise ValueError(f"item {i} of length {lengths[i]} does not fit in {max_length}")
+        fits = [j for j in range(len(bins)) if room[j] >= lengths[i]]
+        if fits:
+            j = min(fits, key=lambda j: room[j])
+            bins[j].append(i)
+            room[j] -= lengths[i]
+        else:
+            bins.append([i])
+            room.append(max_length - lengths[i])
+    return bins
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A micro-batch of packed sequences: ``packs[i]`` the split's rows laid end to end in sequence i."""
+
+    packs: tuple[tuple[int, ...], ...]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.tensor([i for p in self.packs for i in p])
+
+
+def packed_tensors(split: Split, packed: Packed, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, L) token ids, position ids restarting at 0 where each row begins, and targets, one packed
+    sequence a row; the padding after the last row is a sequence of its own, with no target."""
+    sequences = [[split.encoded[i][0] for i in p] for p in packed.packs]
+    L = max(sum(len(e.prompt) + len(e.completion) for e in seq) for seq in sequences)
+    ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(sequences), L), dtype=torch.long)
+    targets = torch.zeros((len(sequences), L), dtype=torch.long)
+    for r, seq in enumerate(sequences):
+        at = 0
+        for e in seq:
+            n = len(e.prompt) + len(e.completion)
+            ids[r, at : at + n] = torch.tensor(e.prompt + e.completion)
+            positions[r, at : at + n] = torch.arange(n)
+            targets[r, at + len(e.prompt) : at + n] = torch.tensor(e.targets)
+            targets[r, at] = 0  # nothing before a row's first token predicts it
+            at += n
+        positions[r, at:] = torch.arange(L - at)
+    return ids.to(device), positions.to(device), targets.to(device)
 
 
 @torch.no_grad()
@@ -184,6 +237,8 @@ class Objective:
     loss: Callable
     held_out: Callable
     per_token: bool = False
+    # ``batches(split, rows, micro_batch_size) -> micro-batches``: rows (tensors), or Packed sequences
+    batches: Callable | None = None
 
 
 def pair_loss(cfg: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]:
@@ -238,6 +293,8 @@ def preference_objective(cfg: TrainConfig) -> Objective:
 
 
 def sft_objective(cfg: TrainConfig) -> Objective:
+    checked: set[int] = set()  # runs whose packed log-probs were compared with the unpacked ones
+
     def forward(run: Run, model, sequences: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(n, T) log-probs and targets, and the token accuracy, from one forward pass."""
         prompt_ids, prompt_mask, completion_ids, completion_mask, targets = batch_tensors(sequences, run.tokenizer.pad_token_id,
@@ -245,10 +302,34 @@ def sft_objective(cfg: TrainConfig) -> Objective:
         logps, hidden = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 1.0, return_hidden=True)
         return logps, targets, _token_accuracy(run.policy.get_output_embeddings(), hidden, completion_ids, targets)
 
-    def loss(run: Run, split: Split, rows: torch.Tensor):
-        logps, targets, accuracy = forward(run, run.learner, split.sequences(rows))
+    def packed_forward(run: Run, model, split: Split, micro: Packed) -> tuple[torch.Tensor, torch.Tensor, float]:
+        ids, positions, targets = packed_tensors(split, micro, run.tokenizer.pad_token_id, run.processes.device)
+        logps, hidden = packed_logprobs(model, ids, positions, targets.bool())
+        targets = targets[:, 1:]
+        return logps, targets, _token_accuracy(run.policy.get_output_embeddings(), hidden, ids[:, 1:], targets)
+
+    def loss(run: Run, split: Split, micro):
+        if isinstance(micro, Packed):
+            logps, targets, accuracy = packed_forward(run, run.learner, split, micro)
+            if id(run) not in checked:
+                check_packing(run, split, micro, logps, targets)
+                checked.add(id(run))
+        else:
+            logps, targets, accuracy = forward(run, run.learner, split.sequences(micro))
         value, metrics = sft_loss(logps, targets)
         return value, {**metrics, "mean_token_accuracy": accuracy}
+
+    @torch.no_grad()
+    def check_packing(run: Run, split: Split, micro: Packed, packed: torch.Tensor, targets: torch.Tensor) -> None:
+        """Packed log-probs must be the unpacked ones: a model whose attention crosses the rows'
+        boundaries (one that ignores restarting position ids) would train on the wrong loss."""
+        alone, alone_targets, _ = forward(run, run.policy, split.sequences(micro.rows))
+        mine, theirs = packed.detach()[targets.bool()], alone[alone_targets.bool()]
+        gap = (mine - theirs).abs().max().item() if len(mine) == len(theirs) else math.inf
+        tolerance = 1e-3 if run.policy.get_input_embeddings().weight.dtype == torch.float32 else 0.1
+        if gap > tolerance:
+            raise ConfigError(f"sft.packing: {run.cfg.model.name} does not keep packed rows apart (a packed token's log-prob is "
+                              f"{gap:.3g} from the same token's unpacked); its attention ignores restarting position ids: set sft.packing=false")
 
     @torch.no_grad()
     def held_out(run: Run, split: Split):
@@ -259,7 +340,12 @@ def sft_objective(cfg: TrainConfig) -> Objective:
             nll, tokens, right = nll - (logps * targets).sum().item(), tokens + n, right + accuracy * n
         return {"loss": nll / max(tokens, 1), "mean_token_accuracy": right / max(tokens, 1), "num_tokens": tokens}
 
-    return Objective(loss, held_out, per_token=True)
+    def packed_batches(split: Split, rows: torch.Tensor, micro_batch_size: int) -> list[Packed]:
+        bins = pack([int(split.lengths[i]) for i in rows.tolist()], cfg.sft.max_length)
+        packs = sorted((tuple(int(rows[i]) for i in b) for b in bins), key=lambda p: sum(int(split.lengths[i]) for i in p))
+        return [Packed(tuple(packs[i : i + micro_batch_size])) for i in range(0, len(packs), micro_batch_size)]
+
+    return Objective(loss, held_out, per_token=True, batches=packed_batches if cfg.sft.packing else None)
 
 
 @torch.no_grad()
@@ -375,10 +461,12 @@ def update(run: Run, objective: Objective, split: Split, rows: torch.Tensor, sam
     """``update.epochs`` optimizer steps on the iteration's rows (and HyPO's samples), each accumulated
     over micro-batches weighted by their share of the rows (or target tokens) of every process."""
     cfg = run.cfg.update
-    rows = rows[split.lengths[rows].argsort(stable=True)]  # micro-batches of rows of similar length
-    micros = rows.split(cfg.micro_batch_size)
+    if objective.batches is not None:
+        micros = objective.batches(split, rows, cfg.micro_batch_size)
+    else:
+        micros = rows[split.lengths[rows].argsort(stable=True)].split(cfg.micro_batch_size)  # rows of similar length together
     if objective.per_token:
-        tokens = [sum(sum(e.targets) for e in split.sequences(m)) for m in micros]
+        tokens = [sum(sum(e.targets) for e in split.sequences(m.rows if isinstance(m, Packed) else m)) for m in micros]
         total = run.processes.sum(sum(tokens)) / run.processes.count
     else:
         tokens, total = [len(m) for m in micros], len(rows)

@@ -131,7 +131,7 @@ class Run:
 
         tokenizer = load_tokenizer(cfg.model.name, cfg.task.prompt_format)
         if task.train_data is not None:  # every row fits the model's context, checked before any model loads
-            check_data_lengths(task, tokenizer, model_context(cfg.model.name))
+            check_data_lengths(task, tokenizer, model_context(cfg.model.name), cfg.sft.max_length if cfg.sft.packing else None)
         policy, ref = (load_models or _load_models)(cfg, checkpoint)
         r = cfg.rollout
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
@@ -588,12 +588,16 @@ def encode_row(tokenizer, row):
     return (encode_demonstration(tokenizer, row),)
 
 
-def check_data_lengths(task: Task, tokenizer, context: int | None) -> None:
+def check_data_lengths(task: Task, tokenizer, context: int | None, packed: int | None = None) -> None:
     """Refuse offline rows longer than the model's context (a pair's prompt and longer reply, a
-    demonstration's whole chat), naming them, before any model loads."""
+    demonstration's whole chat), naming them, before any model loads. ``packed``: SFT packs its
+    demonstrations (a preference row's chosen reply) into sequences of that many tokens, and each must fit."""
     rows = task.train_data + task.eval_data
     wheres = task.train_rows + task.eval_rows
-    if rows and isinstance(rows[0], PreferencePair):
+    if packed is not None and (context is None or packed < context):
+        demonstrations = [r.prompt.with_reply(r.chosen) if isinstance(r, PreferencePair) else r for r in rows]
+        check_demonstration_lengths(demonstrations, wheres, tokenizer, packed, "sft.max_length (a packed sequence)")
+    elif rows and isinstance(rows[0], PreferencePair):
         check_pair_lengths(rows, wheres, tokenizer, context)
     else:
         check_demonstration_lengths(rows, wheres, tokenizer, context)

@@ -362,18 +362,20 @@ def check_pair_lengths(pairs: Sequence[PreferencePair], wheres: Sequence[str], t
     _check_lengths(len(pairs), wheres, tokens, context, "prompt and its longer reply", PreferenceDataError)
 
 
-def check_demonstration_lengths(conversations: Sequence[Conversation], wheres: Sequence[str], tokenizer, context: int | None) -> None:
-    """Refuse demonstrations that, rendered with the chat template, exceed the model's ``context``."""
+def check_demonstration_lengths(conversations: Sequence[Conversation], wheres: Sequence[str], tokenizer, context: int | None,
+                                limit_name: str = "the model's context") -> None:
+    """Refuse demonstrations that, rendered with the chat template, exceed the model's ``context`` (or
+    another limit of ``context`` tokens, named ``limit_name``)."""
     from rebelrl.rollout.chat import encode_chat
 
     def tokens(i: int) -> int:
         return len(encode_chat(tokenizer, conversations[i].to_chat()))
 
-    _check_lengths(len(conversations), wheres, tokens, context, "chat", DemonstrationDataError)
+    _check_lengths(len(conversations), wheres, tokens, context, "chat", DemonstrationDataError, limit_name)
 
 
 def _check_lengths(n: int, wheres: Sequence[str], tokens: Callable[[int], int], context: int | None, what: str,
-                   error: type[Exception]) -> None:
+                   error: type[Exception], limit_name: str = "the model's context") -> None:
     from rebelrl.rollout.chat import ChatTemplateError
 
     if len(wheres) != n:
@@ -389,10 +391,10 @@ def _check_lengths(n: int, wheres: Sequence[str], tokens: Callable[[int], int], 
         if length > context:
             bad += 1
             if len(errors) < MAX_LISTED_ERRORS:
-                errors.append(f"{wheres[i]}: {length} tokens ({what}, with the chat template); the model's context is {context}")
+                errors.append(f"{wheres[i]}: {length} tokens ({what}, with the chat template); {limit_name} is {context}")
     if bad == 1:
         raise error(f"{errors[0]}: shorten or drop the row")
     if bad:
         more = f"\n  ... and {bad - len(errors)} more" if bad > len(errors) else ""
-        raise error(f"{bad} rows out of {n} are longer than the model's context of {context} tokens; shorten or drop them:\n  "
+        raise error(f"{bad} rows out of {n} are longer than {limit_name} of {context} tokens; shorten or drop them:\n  "
                     + "\n  ".join(errors) + more)

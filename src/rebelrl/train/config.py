@@ -143,6 +143,14 @@ class HypoConfig:
 
 
 @dataclass
+class SftConfig:
+    packing: bool = field(False, "pack each iteration's demonstrations into sequences of up to sft.max_length tokens (best fit, no row split), "
+                                 "each row attending only to itself: a micro-batch is update.micro_batch_size packed sequences, with no padding "
+                                 "between rows; the loss is the unpacked one")
+    max_length: int = field(1024, "packing: tokens of a packed sequence (TRL's default); every demonstration must fit in it")
+
+
+@dataclass
 class RewardModelConfig:
     center_coef: float = field(0.01, "weight of mean((r+ + r-)^2), which keeps the scores centred at 0 (TRL's center_rewards_coefficient)")
     use_margin: bool = field(True, "subtract the data's margin column from r+ - r- where the rows have one")
@@ -256,6 +264,7 @@ class TrainConfig:
     astar: AstarConfig = field(AstarConfig())
     dpo: DpoConfig = field(DpoConfig())
     hypo: HypoConfig = field(HypoConfig())
+    sft: SftConfig = field(SftConfig())
     reward_model: RewardModelConfig = field(RewardModelConfig())
     optim: OptimConfig = field(OptimConfig())
     eval: EvalConfig = field(EvalConfig())

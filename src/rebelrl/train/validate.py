@@ -111,6 +111,7 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
     "OnlineDpoConfig": {"beta": POSITIVE, "r_max": POSITIVE},
     "DpoConfig": {"beta": POSITIVE, "r_max": POSITIVE},
     "HypoConfig": {"kl_coef": NON_NEGATIVE},
+    "SftConfig": {"max_length": AT_LEAST_ONE},
     "RewardModelConfig": {"center_coef": NON_NEGATIVE},
     "RlooConfig": {"kl_coef": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True)},
     "GrpoConfig": {"beta": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True), "clip_eps_high": POSITIVE},
@@ -274,6 +275,11 @@ def _offline_relations(cfg) -> None:
                           f"algo={cfg.algo}{'' if cfg.algo in ('refuel', 'reward_model') else ' and no reward.fn'} it would be ignored")
     if cfg.eval.gold_fn is None and cfg.eval.gold_kwargs:
         raise ConfigError("eval.gold_kwargs is read only with eval.gold_fn: it would be ignored")
+    if cfg.sft.packing and cfg.algo != "sft":
+        raise ConfigError(f"sft.packing packs demonstrations for algo=sft: with algo={cfg.algo} it would be ignored; set it to false")
+    if cfg.sft.max_length != type(cfg.sft)().max_length and not cfg.sft.packing:
+        raise ConfigError(f"sft.max_length={cfg.sft.max_length} is the length of a packed sequence: without sft.packing=true it would be "
+                          "ignored; set sft.packing=true or remove it")
     if cfg.dpo.r_max is not None and cfg.dpo.loss != "chipo":
         raise ConfigError(f"dpo.r_max={cfg.dpo.r_max:g} clips chi-PO's margin only: with dpo.loss={cfg.dpo.loss} it would be ignored; "
                           "set dpo.loss=chipo or r_max=null")

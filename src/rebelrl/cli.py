@@ -159,8 +159,10 @@ def _train(cfg: TrainConfig) -> int:
     user_model = cfg.task.user_model if cfg.task.name == "chitchat-dialogue" and cfg.task.user is None else None
     _check_hub_ids({"model.name": cfg.model.name, "model.ref_name": cfg.model.ref_name, "task.user_model": user_model})
 
+    from rebelrl.train.config import OFFLINE_ALGOS
+
     loops = {"rebel": rebel, "online_dpo": rebel, "refuel": refuel, "rloo": pg, "grpo": pg, "ppo": pg, "astar_po": pg,
-             "dpo": offline, "hypo": offline, "sft": offline, "reward_model": offline}
+             **{algo: offline for algo in OFFLINE_ALGOS}}
     loops[cfg.algo].train(cfg)
     return 0
 

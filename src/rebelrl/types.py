@@ -89,6 +89,12 @@ class Rollout:
     # (N, T) probability mass under pi_t that the sampler's truncation (top-k, top-p, min_new_tokens)
     # removed before drawing token t; 0 on padding and everywhere when nothing is truncated.
     dropped_mass: torch.Tensor | None = None
+    # (N, T) 1 on completion tokens forced from the data rather than sampled (dataset reset); None: none.
+    forced: torch.Tensor | None = None
+
+    @property
+    def policy_mask(self) -> torch.Tensor:  # (N, T) the tokens the policy wrote itself: what a policy loss covers
+        return self.completion_mask if self.forced is None else self.completion_mask * (1 - self.forced)
 
     @property
     def input_ids(self) -> torch.Tensor:  # (N, P + T)

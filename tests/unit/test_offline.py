@@ -201,7 +201,7 @@ def test_a_pair_longer_than_the_context_is_refused_naming_its_row_before_any_mod
     (["algo=dpo", "task.name=prompts"], "algo=dpo trains on a data file: set task.name=preferences"),
     (["algo=sft", "task.name=prompts"], "algo=sft trains on a data file: set task.name=demonstrations (or preferences"),
     (["algo=dpo", "task.name=demonstrations", "task.data=x.jsonl"], "algo=dpo trains on preference pairs"),
-    (["algo=rebel", "task.name=preferences", "task.data=x.jsonl"], "task.name=preferences is data for algo=dpo or hypo or reward_model or sft; "
+    (["algo=rebel", "task.name=preferences", "task.data=x.jsonl"], "task.name=preferences is data for algo=dpo or hypo or reward_model or sft or alol; "
      "algo=rebel samples replies to the rows' prompts, which needs a reward to judge them: set reward.fn"),
     (["algo=dpo", "task.name=preferences"], "task.name=preferences needs task.data"),
     (["algo=dpo", "task.name=preferences", "task.data=x.jsonl", "dpo.r_max=2"], "dpo.r_max=2 clips chi-PO's margin only"),

@@ -1,5 +1,6 @@
 """Offline methods on a dataset: DPO, IPO and chi-PO on preference pairs, HyPO (the same plus a KL to
-the reference on the policy's own fresh samples), SFT on demonstrations, and reward models on pairs.
+the reference on the policy's own fresh samples), SFT on demonstrations, reward models on pairs, and
+A-LoL (offline policy gradient on scored replies, its advantages computed once before training).
 
 One iteration, top to bottom:
     rows   -> the iteration's ``update.minibatch_size`` rows of the data: consecutive slices of an
@@ -34,13 +35,15 @@ from safetensors.torch import save_file
 
 from rebelrl.algos.run import Run, _load_models, encode_row
 from rebelrl.logprobs import completion_logprobs, packed_logprobs, rollout_logprobs
-from rebelrl.losses import bradley_terry_loss, chipo_loss, dpo_loss, hypo_kl_loss, ipo_loss, sft_loss
+from rebelrl.losses import alol_loss, bradley_terry_loss, chipo_loss, dpo_loss, hypo_kl_loss, ipo_loss, sft_loss
 from rebelrl.rewards.reward_model import RewardModelScorer
 from rebelrl.rollout.dialogue import Encoded
 from rebelrl.train.checkpoint import TEMP_SUFFIX
 from rebelrl.train.config import TrainConfig
 from rebelrl.config import ConfigError
 from rebelrl.train.run_dir import RunDirError
+from rebelrl.envs.tasks import before_last_reply
+from rebelrl.rollout.reset import prompt_key
 from rebelrl.types import Conversation, PreferencePair
 
 REF_CACHE = "ref_logps.safetensors"
@@ -239,6 +242,11 @@ class Objective:
     per_token: bool = False
     # ``batches(split, rows, micro_batch_size) -> micro-batches``: rows (tensors), or Packed sequences
     batches: Callable | None = None
+    # ``prepare(run, train, held_out)``: what the method computes once, before the first step (A-LoL's advantages)
+    prepare: Callable | None = None
+    # ``rows(run, iteration, n_rows, per_iteration) -> row indices``: how an iteration draws its rows
+    # (A-LoL's priority sampling); None: consecutive slices of shuffled epochs (``Run.rows_for``)
+    rows: Callable | None = None
 
 
 def pair_loss(cfg: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]:
@@ -390,11 +398,108 @@ def reward_model_objective(cfg: TrainConfig) -> Objective:
     return Objective(loss, held_out)
 
 
+def alol_objective(cfg: TrainConfig) -> Objective:
+    """A-LoL: each row's reply is one action with advantage A = R(x, y) - V_ref(x), computed once before
+    training; rows with A <= 0 are never trained on (A+ = 0, and priority sampling never draws them)."""
+    a = cfg.alol
+    advantages: dict[int, torch.Tensor] = {}  # id(split) -> (N,) A of its rows
+    training: dict[str, torch.Tensor] = {}  # "A": the training rows' advantages, which priority sampling draws by
+
+    def prepare(run: Run, train: Split, held_out: Split) -> None:
+        for split, name in ((train, "training"), (held_out, "held-out")):
+            advantages[id(split)] = alol_advantages(run, split, name)
+        training["A"] = advantages[id(train)]
+        if not (training["A"] > 0).any():
+            raise ConfigError("algo=alol: no training row scores above V_ref, the reference's own greedy replies, so every advantage "
+                              "is <= 0 and A-LoL has nothing to learn from: check the data and reward.fn")
+
+    def reference_logps(run: Run, sequences: list[Encoded]) -> torch.Tensor:
+        with torch.no_grad():
+            logps, _ = token_logps(run.ref, sequences, run.tokenizer.pad_token_id, run.processes.device)
+        return logps
+
+    def loss(run: Run, split: Split, rows: torch.Tensor):
+        sequences = split.sequences(rows)
+        logps, targets = token_logps(run.learner, sequences, run.tokenizer.pad_token_id, run.processes.device)
+        return alol_loss(logps, reference_logps(run, sequences), targets, advantages[id(split)][rows.to(logps.device)], a.variant,
+                         a.kl_beta or 0.0, a.weight_min, a.weight_max)
+
+    @torch.no_grad()
+    def held_out(run: Run, split: Split):
+        nll, tokens, total = 0.0, 0, 0.0
+        for rows in torch.arange(len(split)).split(cfg.update.micro_batch_size):
+            sequences = split.sequences(rows)
+            logps, targets = token_logps(run.policy, sequences, run.tokenizer.pad_token_id, run.processes.device)
+            value, _ = alol_loss(logps, reference_logps(run, sequences), targets, advantages[id(split)][rows.to(logps.device)], a.variant,
+                                 a.kl_beta or 0.0, a.weight_min, a.weight_max)
+            nll, tokens, total = nll - (logps * targets).sum().item(), tokens + int(targets.sum()), total + value.item() * len(rows)
+        return {"loss": total / max(len(split), 1), "nll_per_token": nll / max(tokens, 1)}
+
+    def rows(run: Run, iteration: int, n_rows: int, per_iteration: int) -> list[int]:
+        """``per_iteration`` rows drawn with probability proportional to A+, with replacement, from a
+        stream of the run's seed and the iteration alone (a resumed run draws the same rows)."""
+        weights = training["A"].clamp(min=0).double().cpu()
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+        return torch.multinomial(weights, per_iteration, replacement=True, generator=generator).tolist()
+
+    return Objective(loss, held_out, prepare=prepare, rows=rows if a.priority else None)
+
+
+@torch.no_grad()
+def alol_advantages(run: Run, split: Split, name: str) -> torch.Tensor:
+    """(N,) A = R(x, y) - V_ref(x) of the split's rows.
+
+    R: the row's ``reward`` column where it has one, else ``reward.fn``. V_ref: a linear head on the
+    frozen reference's final hidden state at the prompt's last token, fitted (ridge regression, in
+    closed form: the MSE fit's exact minimiser) to the scores of the reference's greedy replies to
+    the split's prompts, as the authors fit theirs by MSE."""
+    from rebelrl.rollout import HFGenerator, SamplingParams
+    from rebelrl.rollout.hf import encode_prompts
+    from rebelrl.logprobs import position_ids_from_mask
+
+    t0 = time.perf_counter()
+    device = run.processes.device
+    rows = split.rows
+    given = [row.meta.get("reward") for row in rows]
+    if all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in given):
+        rewards = torch.tensor(given, dtype=torch.float32, device=device)
+    else:
+        rewards = run.score_conversations(list(rows), torch.ones(len(rows), dtype=torch.bool, device=device))
+    prompts = [before_last_reply(row) for row in rows]
+    keys = list(dict.fromkeys(prompt_key(p) for p in prompts))
+    first = {key: i for i, key in reversed(list(enumerate(prompt_key(p) for p in prompts)))}
+    unique = [prompts[first[key]] for key in keys]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=run.cfg.rollout.max_new_tokens)
+    replies = HFGenerator(run.ref, run.tokenizer, run.cfg.rollout.batch_size).generate(unique, 1, greedy)
+    values = run.score(replies).double()  # (P,) R of the reference's greedy reply to each prompt
+    states = []
+    for start in range(0, len(unique), run.cfg.rollout.batch_size):
+        ids, mask = encode_prompts(run.tokenizer, unique[start : start + run.cfg.rollout.batch_size], device)
+        out = run.ref(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), output_hidden_states=True,
+                      use_cache=False, logits_to_keep=1)
+        states.append(out.hidden_states[-1][:, -1].double())  # left-padded: the last column is the prompt's last token
+    X = torch.cat(states)
+    X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], dim=1)  # (P, H + 1) with a bias
+    ridge = run.cfg.alol.value_ridge * torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
+    ridge[-1, -1] = 0.0  # the bias is not penalised
+    w = torch.linalg.solve(X.T @ X + ridge, X.T @ values.to(X.device))
+    fitted = X @ w  # (P,) V_ref(x)
+    by_key = dict(zip(keys, fitted.tolist()))
+    v = torch.tensor([by_key[prompt_key(p)] for p in prompts], dtype=torch.float32, device=device)
+    advantages = rewards - v
+    explained = 1 - ((fitted - values) ** 2).sum() / ((values - values.mean()) ** 2).sum().clamp(min=1e-12)
+    run.say(f"rebelrl: A-LoL {name} rows: V_ref fitted to the reference's greedy replies to {len(unique)} prompts (R^2 {explained.item():.2f}, "
+            f"their mean score {values.mean().item():.3f}); rows' mean reward {rewards.mean().item():.3f}; "
+            f"{(advantages > 0).float().mean().item():.0%} have A > 0 ({time.perf_counter() - t0:.1f} s)")
+    return advantages
+
+
 OBJECTIVES: dict[str, Callable[[TrainConfig], Objective]] = {
     "dpo": preference_objective,
     "hypo": preference_objective,
     "sft": sft_objective,
     "reward_model": reward_model_objective,
+    "alol": alol_objective,
 }
 
 
@@ -502,11 +607,16 @@ def prepare(run: Run, objective: Objective) -> tuple[Split, Split]:
     def split(rows: list) -> Split:
         if run.cfg.algo == "sft":  # SFT on preference pairs learns their chosen replies
             rows = [row.prompt.with_reply(row.chosen) if isinstance(row, PreferencePair) else row for row in rows]
+        if run.cfg.algo == "alol":  # A-LoL on preference pairs: each reply is a row, scored on its own
+            rows = [c for row in rows for c in ((row.prompt.with_reply(row.chosen), row.prompt.with_reply(row.rejected))
+                                                 if isinstance(row, PreferencePair) else (row,))]
         return Split(rows, [encode_row(run.tokenizer, row) for row in rows])
 
     train, held_out = split(task.train_data), split(task.eval_data)
     if run.cfg.algo in ("dpo", "hypo"):
         cached_reference_logps(run, {"train": train, "eval": held_out})
+    if objective.prepare is not None:
+        objective.prepare(run, train, held_out)
     return train, held_out
 
 
@@ -518,7 +628,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     run.held_out = lambda r: objective.held_out(r, held_out_rows)
     for iteration in run.progress():
         t0 = time.perf_counter()
-        rows = torch.tensor(run.rows_for(iteration, len(train_rows), cfg.update.minibatch_size))
+        draw = objective.rows or (lambda r, *args: r.rows_for(*args))
+        rows = torch.tensor(draw(run, iteration, len(train_rows), cfg.update.minibatch_size))
         samples, metrics = None, {}
         if cfg.algo == "hypo":
             samples, metrics = sample_replies(run, [train_rows.rows[i].prompt for i in rows.tolist()])

@@ -57,7 +57,7 @@ Advantages = Callable[[Run, Rollout, torch.Tensor, torch.Tensor, torch.Tensor], 
 @dataclass
 class Method:
     advantages: Advantages
-    loss: TokenLoss
+    loss: Callable[[TrainConfig, Rollout], TokenLoss]  # (config, rollout) -> the loss of its micro-batches
     # Whether the configured loss averages over tokens (micro-batches weigh by their tokens, counted
     # over every process), else over completions.
     per_token: Callable[[TrainConfig], bool]
@@ -68,7 +68,8 @@ class Method:
 
 
 def rloo_batch(run: Run, rollout: Rollout, scores, old_logps, ref_logps):
-    """Sequence reward minus kl_coef * (log pi_t - log pi_ref), leave-one-out baseline over the k samples."""
+    """Sequence reward minus kl_coef * (log pi_t - log pi_ref), leave-one-out baseline over the k samples.
+    The KL covers every completion token, forced ones too (dataset reset, as the authors' code)."""
     mask = rollout.completion_mask
     kl = ((old_logps - ref_logps) * mask).sum(1)  # (N,)
     rewards = scores - run.cfg.rloo.kl_coef * kl
@@ -86,7 +87,9 @@ def grpo_batch(run: Run, rollout: Rollout, scores, old_logps, ref_logps):
 @torch.no_grad()
 def ppo_batch(run: Run, rollout: Rollout, scores, old_logps, ref_logps):
     """Per-token reward -kl_coef * (log pi_t - log pi_ref), plus the score on the last token; GAE
-    on the critic's values; advantages whitened over the batch."""
+    on the critic's values; advantages whitened over the batch. The KL, the values and the advantages
+    cover every completion token, forced ones too (dataset reset, as the authors' code); only the
+    policy loss leaves the forced tokens out."""
     cfg, mask = run.cfg.ppo, rollout.completion_mask
     kl = (old_logps - ref_logps) * mask  # (N, T)
     rewards = -cfg.kl_coef * kl
@@ -114,7 +117,13 @@ def _rows(batch: TokenBatch, rows: torch.Tensor, mask: torch.Tensor):
     return batch.old_logps[rows], batch.advantages[rows], mask[rows]
 
 
-def rloo_token_loss(cfg: TrainConfig, mask: torch.Tensor) -> TokenLoss:
+# Each method's loss, given the config and the rollout: the policy terms cover ``rollout.policy_mask``
+# (the tokens the policy wrote: not those dataset reset forced), PPO's value loss every completion token.
+
+
+def rloo_token_loss(cfg: TrainConfig, rollout: Rollout) -> TokenLoss:
+    mask = rollout.policy_mask
+
     def loss_fn(logps, values, batch, rows):
         old, adv, m = _rows(batch, rows, mask)
         return rloo_loss(logps, old, adv, m, cfg.rloo.clip_eps)
@@ -122,8 +131,8 @@ def rloo_token_loss(cfg: TrainConfig, mask: torch.Tensor) -> TokenLoss:
     return loss_fn
 
 
-def grpo_token_loss(cfg: TrainConfig, mask: torch.Tensor) -> TokenLoss:
-    g = cfg.grpo
+def grpo_token_loss(cfg: TrainConfig, rollout: Rollout) -> TokenLoss:
+    g, mask = cfg.grpo, rollout.policy_mask
     aggregate = {
         "seq_mean_token_mean": seq_mean_token_mean,
         "token_mean": token_mean,
@@ -137,19 +146,21 @@ def grpo_token_loss(cfg: TrainConfig, mask: torch.Tensor) -> TokenLoss:
     return loss_fn
 
 
-def ppo_token_loss(cfg: TrainConfig, mask: torch.Tensor) -> TokenLoss:
-    p = cfg.ppo
+def ppo_token_loss(cfg: TrainConfig, rollout: Rollout) -> TokenLoss:
+    p, mask, every = cfg.ppo, rollout.policy_mask, rollout.completion_mask
 
     def loss_fn(logps, values, batch, rows):
         old, adv, m = _rows(batch, rows, mask)
         policy, metrics = clipped_policy_loss(logps, old, adv, m, p.clip_eps)
-        critic, value_metrics = value_loss(values, batch.old_values[rows], batch.returns[rows], m, p.value_clip)
+        critic, value_metrics = value_loss(values, batch.old_values[rows], batch.returns[rows], every[rows], p.value_clip)
         return policy + p.vf_coef * critic, {**metrics, **value_metrics}
 
     return loss_fn
 
 
-def astar_token_loss(cfg: TrainConfig, mask: torch.Tensor) -> TokenLoss:
+def astar_token_loss(cfg: TrainConfig, rollout: Rollout) -> TokenLoss:
+    mask = rollout.policy_mask
+
     def loss_fn(logps, values, batch, rows):
         m = mask[rows].to(logps.dtype)
         sequence = (logps * m).sum(1)  # (m,) log pi_theta(y|x)
@@ -187,7 +198,7 @@ class Collected:
 def collect(run: Run, prompts, method: Method) -> Collected:
     t0 = time.perf_counter()
     extra = estimate_v_star(run, prompts) if run.cfg.algo == "astar_po" else 0
-    rollout = run.generator.generate(prompts, method.samples_per_prompt(run.cfg), run.sampling)
+    rollout = run.sample(prompts, method.samples_per_prompt(run.cfg))
     t1 = time.perf_counter()
     scores = run.score(rollout)  # (N,)
     t2 = time.perf_counter()
@@ -229,8 +240,8 @@ def update(run: Run, collected: Collected, method: Method) -> dict[str, float]:
     release_free_memory()  # what the rollout's KV cache and the no-grad passes left
     cfg = run.cfg.update
     rollout, batch = collected.rollout, collected.batch
-    mask = rollout.completion_mask
-    loss_fn = method.loss(run.cfg, mask)
+    mask = rollout.policy_mask  # what the policy loss covers: a token mean counts these
+    loss_fn = method.loss(run.cfg, rollout)
     shared_critic = run.critic is not None and run.critic.backbone is None
     temperature = run.sampling.logprob_temperature
     minibatch_size = cfg.minibatch_size // run.processes.count  # this process's share of each minibatch
@@ -256,13 +267,14 @@ def update(run: Run, collected: Collected, method: Method) -> dict[str, float]:
                                               r.completion_mask[micro], temperature, return_hidden=shared_critic)
                     logps, hidden = out if shared_critic else (out, None)
                     if not grad_norms:  # before the first step pi_theta must equal pi_t
-                        gap = run.first_step_gap(((logps.detach() - batch.old_logps[micro]) * mask[micro]).sum(1).abs().max().item())
+                        every = rollout.completion_mask[micro]
+                        gap = run.first_step_gap(((logps.detach() - batch.old_logps[micro]) * every).sum(1).abs().max().item())
                         if gap > run.cfg.rollout.logprob_tolerance and collected.old_from_sampler:
                             run.stop_trusting_sampler(gap)
                             repaired = assemble(run, rollout, collected.scores, method)
                             repaired.metrics = {**collected.metrics, **repaired.metrics}
                             collected, batch = repaired, repaired.batch
-                            gap = ((logps.detach() - batch.old_logps[micro]) * mask[micro]).sum(1).abs().max().item()
+                            gap = ((logps.detach() - batch.old_logps[micro]) * every).sum(1).abs().max().item()
                         mismatch = gap if mismatch is None else max(mismatch, gap)
                     values = _values(run, rollout, micro, hidden, run.critic_learner) if run.critic is not None else None
                     loss, metrics = loss_fn(logps, values, batch, micro)

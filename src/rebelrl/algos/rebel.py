@@ -60,7 +60,7 @@ class Collected:
     pairs: PairBatch
     metrics: dict[str, float]
     scores: torch.Tensor  # (N,) task scores of the rollout's rows
-    ref_logps: torch.Tensor  # (N,) log pi_ref(y|x)
+    ref_tokens: torch.Tensor  # (N, T) log pi_ref of each completion token
     old_from_sampler: bool  # log pi_t is the sampler's record rather than a forward pass
 
 
@@ -68,7 +68,7 @@ def collect(run: Run, prompts) -> Collected:
     """Sample, score, compute log pi_t and log pi_ref, and form pairs (no gradients)."""
     cfg: TrainConfig = run.cfg
     t0 = time.perf_counter()
-    rollout = run.generator.generate(prompts, cfg.rollout.samples_per_prompt, run.sampling)
+    rollout = run.sample(prompts, cfg.rollout.samples_per_prompt)
     t1 = time.perf_counter()
     scores = run.score(rollout)  # (N,)
     t2 = time.perf_counter()
@@ -78,24 +78,30 @@ def collect(run: Run, prompts) -> Collected:
     return batch
 
 
-def assemble(run: Run, rollout: Rollout, scores: torch.Tensor, index: torch.Tensor, ref_logps: torch.Tensor | None = None) -> Collected:
+def assemble(run: Run, rollout: Rollout, scores: torch.Tensor, index: torch.Tensor, ref_tokens: torch.Tensor | None = None) -> Collected:
     """Log pi_t and log pi_ref of every row, the KL-penalised rewards, the (B, 2) pairs and their metrics.
 
+    The pairs' log-probs sum over the tokens the policy wrote (``rollout.policy_mask``): with dataset
+    reset both replies of a pair continue one forced prefix, and the regression is on their
+    continuations. The KL penalty covers every completion token, as in the authors' reset code; the
+    prefix's share of it is the same for both replies, so it cancels in the pair's reward difference.
+
     Args:
-        scores: (N,) task scores; index: (B, 2) rows forming each pair; ref_logps: (N,) if known.
+        scores: (N,) task scores; index: (B, 2) rows forming each pair; ref_tokens: (N, T) if known.
     """
     t0 = time.perf_counter()
-    old_tokens, from_sampler = run.old_token_logps(rollout)
-    old_logps = old_tokens.sum(1)  # (N,) log pi_t(y|x)
-    if ref_logps is None:
-        ref_logps = rollout_logprobs(run.ref, rollout, run.sampling.logprob_temperature, run.cfg.update.micro_batch_size * 2).sum(1)
-    kl = old_logps - ref_logps  # (N,) log pi_t(y|x) - log pi_ref(y|x)
+    old_tokens, from_sampler = run.old_token_logps(rollout)  # (N, T)
+    if ref_tokens is None:
+        ref_tokens = rollout_logprobs(run.ref, rollout, run.sampling.logprob_temperature, run.cfg.update.micro_batch_size * 2)
+    kl = (old_tokens - ref_tokens).sum(1)  # (N,) log pi_t(y|x) - log pi_ref(y|x)
     rewards = scores - run.cfg.rebel.kl_coef * kl
+    own = rollout.policy_mask.to(old_tokens.dtype)
+    old_logps, ref_logps = (old_tokens * own).sum(1), (ref_tokens * own).sum(1)  # (N,) over the policy's own tokens
     pairs = PairBatch(index=index, rewards=rewards[index], scores=scores[index], old_logps=old_logps[index], ref_logps=ref_logps[index],
-                      lengths=rollout.completion_lengths[index])
+                      lengths=rollout.policy_mask.sum(1)[index])
     metrics = batch_metrics(rollout, pairs, scores, rewards, kl)
     metrics["time/logprobs"] = time.perf_counter() - t0
-    return Collected(rollout, pairs, metrics, scores, ref_logps, from_sampler)
+    return Collected(rollout, pairs, metrics, scores, ref_tokens, from_sampler)
 
 
 def batch_metrics(rollout: Rollout, pairs: PairBatch, scores, rewards, kl) -> dict[str, float]:
@@ -175,7 +181,8 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
                         rollout.completion_ids[rows],
                         rollout.completion_mask[rows],
                         temperature,
-                    ).sum(1).view(-1, 2)  # (m, 2)
+                    ) * rollout.policy_mask[rows]
+                    logps = logps.sum(1).view(-1, 2)  # (m, 2) over the policy's own tokens
                     if not grad_norms:
                         # Before the first step pi_theta must equal pi_t, or the regression target is biased.
                         gap = run.first_step_gap((logps.detach() - pairs.old_logps[micro]).abs().max().item())
@@ -183,7 +190,7 @@ def update(run: Run, batch: Collected, loss_fn: PairLoss | None = None) -> dict[
                             # The sampler's record is not this forward's: recompute log pi_t for the whole
                             # batch now, while theta is still theta_t, and from now on.
                             run.stop_trusting_sampler(gap)
-                            repaired = assemble(run, rollout, batch.scores, pairs.index, batch.ref_logps)
+                            repaired = assemble(run, rollout, batch.scores, pairs.index, batch.ref_tokens)
                             seconds = batch.metrics["time/logprobs"] + repaired.metrics["time/logprobs"]
                             repaired.metrics = {**batch.metrics, **repaired.metrics, "time/logprobs": seconds}
                             batch, pairs = repaired, repaired.pairs

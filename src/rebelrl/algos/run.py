@@ -45,7 +45,8 @@ from rebelrl.logprobs import rollout_logprobs
 from rebelrl.models import AdapterDisabled, Critic, apply_lora, context_length, load_causal_lm, load_tokenizer, model_context, peft_quietly
 from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
-from rebelrl.rollout.chat import ChatTemplateError, encode_prompt
+from rebelrl.rollout.chat import ChatTemplateError, encode_prompt, stop_token_ids
+from rebelrl.rollout.reset import ResetStates
 from rebelrl.rollout.dialogue import encode_demonstration, encode_reply
 from rebelrl.seeding import rng_state, seed_everything, set_rng_state
 from rebelrl.train import run_dir as run_dirs
@@ -94,6 +95,7 @@ class Run:
     # into every evaluation record: ``held_out(run) -> metrics``.
     held_out: Callable[[Run], dict] | None = None
     gold_reward_fn: RewardFn | None = None  # eval.gold_fn: a second judge of the held-out samples
+    reset: ResetStates | None = None  # reset.data: the replies rollouts are reset to (dataset reset)
     _bar: object = None
 
     # --- set-up --------------------------------------------------------------------------------
@@ -130,6 +132,7 @@ class Run:
                       f"{cfg.rollout.prompts_per_iter // processes.count} prompts an iteration with seed {cfg.seed} + its rank", file=sys.stderr)
 
         tokenizer = load_tokenizer(cfg.model.name, cfg.task.prompt_format)
+        reset = ResetStates.load(cfg, tokenizer, stop_token_ids(tokenizer), task.train) if cfg.reset.data is not None else None
         if task.train_data is not None:  # every row fits the model's context, checked before any model loads
             check_data_lengths(task, tokenizer, model_context(cfg.model.name), cfg.sft.max_length if cfg.sft.packing else None)
         policy, ref = (load_models or _load_models)(cfg, checkpoint)
@@ -161,7 +164,7 @@ class Run:
             eval_reward_fn=checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i)) if reward_fn is not None else None,
             gold_reward_fn=_gold_reward(cfg, task),
             metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
-            recompute_old=_recompute_old(cfg, policy), critic=critic, processes=processes,
+            recompute_old=_recompute_old(cfg, policy), critic=critic, processes=processes, reset=reset,
             wrapped_policy=wrapped if wrapped is not policy else None,
             wrapped_critic=processes.prepare_module(critic) if critic is not None and processes.distributed else None,
         )
@@ -172,6 +175,9 @@ class Run:
             if not sampling.exact:
                 run.say("rebelrl: top-p, top-k, repetition penalty or min_new_tokens make the sampler differ from pi_t, "
                         "the softmax the log-probs describe (sampler_dropped_mass in metrics.jsonl)")
+        if reset is not None:
+            run.say(f"rebelrl: dataset reset: {reset.coverage(task.train)} of {len(task.train)} training prompts have a reply in "
+                    f"{cfg.reset.data} ({cfg.reset.field}); each is reset with probability {cfg.reset.prob:g}")
         if checkpoint is not None:
             run._restore(checkpoint)
         return run
@@ -196,6 +202,13 @@ class Run:
             self.baseline_scores = load_turn_scores(initial) if self.task.env is not None else load_sample_scores(initial)
         self.evals = read_jsonl(self.eval_log.path)
         self.say(f"rebelrl: resumed from {checkpoint} (iteration {self.start_iteration})")
+
+    def sample(self, prompts: list, n: int):
+        """``n`` replies of the current policy to each prompt: a training rollout, which dataset reset
+        (``reset.data``) may start from a prefix of the data's reply; evaluation never calls this."""
+        if self.reset is None:
+            return self.generator.generate(prompts, n, self.sampling)
+        return self.generator.generate(prompts, n, self.sampling, prefixes=self.reset.prefixes(prompts, self.sampling.max_new_tokens))
 
     @property
     def learner(self) -> torch.nn.Module:
@@ -657,6 +670,9 @@ def sample_metrics(rollout, scores: torch.Tensor) -> dict[str, float]:
         "frac_no_eos": (~rollout.finished).float().mean().item(),
         # Probability mass of pi_t the sampler's truncation removed, per token: 0 when sampling is exact.
         "sampler_dropped_mass": ((rollout.dropped_mass * mask).sum() / mask.sum().clamp(min=1)).item() if rollout.dropped_mass is not None else 0.0,
+        # Dataset reset: the share of replies started from the data, and the tokens forced a reply.
+        **({"reset/frac": rollout.forced.any(dim=1).float().mean().item(), "reset/forced_tokens": rollout.forced.sum(dim=1).float().mean().item()}
+           if rollout.forced is not None else {}),
     }
 
 

@@ -121,7 +121,7 @@ def _data_task(cfg) -> Task:
     train = train[: cfg.n_train]
 
     def prompt(row):
-        return row.prompt if cfg.name == "preferences" else _before_last_reply(row)
+        return row.prompt if cfg.name == "preferences" else before_last_reply(row)
 
     return Task(
         Path(cfg.data).stem if not cfg.data.startswith("hf:") else cfg.data, [prompt(r) for _, r in train], [prompt(r) for _, r in held_out], None,
@@ -130,7 +130,7 @@ def _data_task(cfg) -> Task:
     )
 
 
-def _before_last_reply(conversation: Conversation) -> Conversation:
+def before_last_reply(conversation: Conversation) -> Conversation:
     """A demonstration's prompt: the conversation before its last assistant message."""
     last = max(i for i, m in enumerate(conversation.messages) if m.role == "assistant")
     return Conversation(conversation.messages[:last], conversation.meta)

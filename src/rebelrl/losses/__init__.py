@@ -11,11 +11,12 @@ from rebelrl.losses.policy_gradient import (
     token_mean,
     value_loss,
 )
-from rebelrl.losses.offline import bradley_terry_loss, hypo_kl_loss, sft_loss
+from rebelrl.losses.offline import alol_loss, bradley_terry_loss, hypo_kl_loss, sft_loss
 from rebelrl.losses.preference import chipo_loss, dpo_loss, ipo_loss
 from rebelrl.losses.rebel import rebel_loss
 
 __all__ = [
+    "alol_loss",
     "astar_po_loss",
     "astar_values",
     "bradley_terry_loss",

@@ -114,3 +114,66 @@ def hypo_kl_loss(
     advantages = rloo_advantages(log_ratio)  # (B, k)
     loss = kl_coef * (advantages * logps.to(dtype)).mean()
     return loss, {"hypo/kl": log_ratio.mean().item(), "hypo/kl_std": log_ratio.std().item() if log_ratio.numel() > 1 else 0.0}
+
+
+ALOL_VARIANTS = ("alol", "seq", "ref_free", "kl")
+
+
+def alol_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    variant: str = "alol",
+    kl_beta: float = 0.0,
+    weight_min: float = 0.1,
+    weight_max: float = 1.9,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A-LoL, offline policy gradient with the whole reply as one action (Baheti et al., 2024), a mean
+    over the batch's replies of, with A+ = max(A, 0), NLL(y) = -sum_t log pi(y_t) over target tokens
+    and r = pi / pi_ref::
+
+        alol:     A+ * w * NLL(y),                    w = clamp(r(y), weight_min, weight_max), r(y) per reply
+        seq:      A+ * sum_t w_t * (-log pi(y_t)),    w_t = clamp(r(y_t), weight_min, weight_max), per token
+        ref_free: A * NLL(y)                          (no weight; negative A are left to priority sampling)
+        kl:       A+ * NLL(y) + kl_beta * (log pi(y) - log pi_ref(y))
+
+    The weights are stop-gradient factors, as in the authors' code. The ``kl`` variant's term has the
+    gradient of -kl_beta * NLL(y): it shifts the advantage by kl_beta, it is not a KL penalty.
+
+    Args:
+        logps, ref_logps: (N, T) per-token log pi_theta and log pi_ref of the replies.
+        targets: (N, T) 1 on the reply's tokens.
+        advantages: (N,) A = R(x, y) - V_ref(x).
+
+    Returns:
+        The scalar loss and metrics: the mean weight, the share of weights clipped, the mean A+.
+    """
+    if variant not in ALOL_VARIANTS:
+        raise ValueError(f"alol_loss: variant must be one of {ALOL_VARIANTS}, got {variant!r}")
+    if logps.shape != ref_logps.shape or logps.shape != targets.shape or logps.dim() != 2 or advantages.shape != logps.shape[:1]:
+        raise ValueError(f"alol_loss expects (N, T) log-probs and targets and (N,) advantages, got {tuple(logps.shape)}, "
+                         f"{tuple(ref_logps.shape)}, {tuple(targets.shape)}, {tuple(advantages.shape)}")
+    mask = targets.to(logps.dtype)
+    positive = advantages.clamp(min=0.0)
+    token_nll = -logps * mask  # (N, T)
+    log_ratio = (logps.detach() - ref_logps) * mask  # (N, T)
+    metrics: dict[str, float] = {"alol/advantage_pos_mean": positive.mean().item()}
+    if variant == "alol":
+        ratio = log_ratio.sum(1).exp()
+        weight = ratio.clamp(weight_min, weight_max)
+        per_reply = positive * weight * token_nll.sum(1)
+    elif variant == "seq":
+        ratio = log_ratio.exp()
+        weight = ratio.clamp(weight_min, weight_max) * mask
+        per_reply = positive * (weight * token_nll).sum(1)
+        ratio, weight = ratio[mask.bool()], weight[mask.bool()]
+    elif variant == "ref_free":
+        per_reply = advantages * token_nll.sum(1)
+    else:
+        per_reply = positive * token_nll.sum(1) + kl_beta * ((logps - ref_logps) * mask).sum(1)
+    if variant in ("alol", "seq"):
+        metrics["alol/weight_mean"] = weight.mean().item() if weight.numel() else 0.0
+        metrics["alol/weight_clipped_frac"] = ((ratio < weight_min) | (ratio > weight_max)).float().mean().item() if ratio.numel() else 0.0
+    loss = per_reply.mean()
+    return loss, {"alol/loss": loss.item(), **metrics}

@@ -139,12 +139,15 @@ class _Uniforms:
 
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, params: SamplingParams,
-           stop_ids: list[int], pad_id: int, seeds: list[int] | None = None):
+           stop_ids: list[int], pad_id: int, seeds: list[int] | None = None, forced: torch.Tensor | None = None):
     """Sample ``n`` completions of each left-padded prompt (B, P) with a KV cache.
 
     Each prompt is run through the network once and its cache repeated for its ``n`` rows; a row
     leaves the batch as soon as it ends, so the cost follows the tokens actually generated rather
-    than the longest reply. Under greedy decoding the tokens are ``generate``'s.
+    than the longest reply. Under greedy decoding the tokens are ``generate``'s. ``forced`` (B, F):
+    tokens each prompt's rows take instead of drawing at the first steps (-1 where none is forced;
+    dataset reset); their log pi_t is recorded as a drawn token's is, and they draw their random
+    numbers all the same, so the rows beside them sample as they would have.
 
     Returns:
         raw ids (N, T) prompt-major with ``pad_id`` after a row's stop token, log pi_t of each (N, T),
@@ -163,6 +166,8 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, p
     if n > 1:
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, dim=0)
+    if forced is not None:
+        forced = forced.to(device).repeat_interleave(n, dim=0)  # (N, F)
     context = prompt_ids.repeat_interleave(n, dim=0)  # (n_active, P + t) for the penalties
     mask = prompt_mask.repeat_interleave(n, dim=0)
     last_position = positions[:, -1:].repeat_interleave(n, dim=0)  # (n_active, 1)
@@ -175,6 +180,10 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, p
         logp, scores, removed = dist(context, logits, rows)
         # Greedy decoding draws nothing, so it leaves the caller's random stream where it was.
         token = draw(scores, uniforms()[rows]) if dist.sample else scores.argmax(dim=-1)  # (n_active,)
+        if forced is not None and t < forced.shape[1]:
+            is_forced = forced[rows, t] >= 0
+            token = torch.where(is_forced, forced[rows, t], token)
+            removed = removed.masked_fill(is_forced, 0.0) if removed is not None else None  # nothing was drawn there
         tokens[rows, t] = token
         logps[rows, t] = logp.gather(1, token[:, None]).squeeze(1)
         if removed is not None:
@@ -213,11 +222,15 @@ class HFGenerator:
         self.stop_ids = stop_token_ids(tokenizer, model)
 
     @torch.no_grad()
-    def generate(self, prompts: list[Conversation], n: int, params: SamplingParams, seeds: list[int] | None = None) -> Rollout:
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"seeds: one a prompt, got {len(seeds)} for {len(prompts)} prompts")
+    def generate(self, prompts: list[Conversation], n: int, params: SamplingParams, seeds: list[int] | None = None,
+                 prefixes: list[list[int]] | None = None) -> Rollout:
+        """``prefixes``: tokens each prompt's replies are forced to begin with ([] for none; dataset reset)."""
+        for name, values in (("seeds", seeds), ("prefixes", prefixes)):
+            if values is not None and len(values) != len(prompts):
+                raise ValueError(f"{name}: one a prompt, got {len(values)} for {len(prompts)} prompts")
         parts = [
-            self._generate_batch(prompts[i : i + self.batch_size], n, params, None if seeds is None else seeds[i : i + self.batch_size])
+            self._generate_batch(prompts[i : i + self.batch_size], n, params, None if seeds is None else seeds[i : i + self.batch_size],
+                                 None if prefixes is None else prefixes[i : i + self.batch_size])
             for i in range(0, len(prompts), self.batch_size)
         ]
         pad = self.tokenizer.pad_token_id
@@ -231,15 +244,25 @@ class HFGenerator:
             sample_logps=_cat_padded([p["sample_logps"] for p in parts], 0.0, left=False),
             group_size=n,
             dropped_mass=_cat_padded([p["dropped_mass"] for p in parts], 0.0, left=False),
+            forced=None if prefixes is None else _cat_padded([p["forced"] for p in parts], 0, left=False),
         )
 
-    def _generate_batch(self, prompts: list[Conversation], n: int, params: SamplingParams, seeds: list[int] | None) -> dict:
+    def _generate_batch(self, prompts: list[Conversation], n: int, params: SamplingParams, seeds: list[int] | None,
+                        prefixes: list[list[int]] | None) -> dict:
         device = model_device(self.model)
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, device)  # (B, P)
+        forced = None
+        if prefixes is not None:
+            if any(len(p) >= params.max_new_tokens for p in prefixes):
+                raise ValueError(f"a forced prefix must leave the policy a token of the {params.max_new_tokens} it may write")
+            forced = torch.full((len(prompts), max(1, max(len(p) for p in prefixes))), -1, dtype=torch.long)
+            for i, p in enumerate(prefixes):
+                forced[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         was_training = self.model.training
         self.model.eval()
         try:
-            raw, sample_logps, dropped = decode(self.model, prompt_ids, prompt_mask, n, params, self.stop_ids, self.tokenizer.pad_token_id, seeds)
+            raw, sample_logps, dropped = decode(self.model, prompt_ids, prompt_mask, n, params, self.stop_ids, self.tokenizer.pad_token_id, seeds,
+                                                forced)
         finally:
             self.model.train(was_training)
         completion_ids, completion_mask, finished = truncate_at_eos(raw, self.stop_ids, self.tokenizer.pad_token_id)
@@ -257,7 +280,16 @@ class HFGenerator:
             "finished": finished,
             "sample_logps": sample_logps,
             "dropped_mass": dropped,
+            "forced": None if prefixes is None else _forced_mask(prefixes, n, T).to(device),
         }
+
+
+def _forced_mask(prefixes: list[list[int]], n: int, T: int) -> torch.Tensor:
+    """(len(prefixes) * n, T) 1 on the forced tokens of each prompt's ``n`` rows."""
+    mask = torch.zeros(len(prefixes), T, dtype=torch.long)
+    for i, prefix in enumerate(prefixes):
+        mask[i, : min(len(prefix), T)] = 1
+    return mask.repeat_interleave(n, dim=0)
 
 
 def _cat_padded(tensors: list[torch.Tensor], value, left: bool) -> torch.Tensor:

@@ -105,6 +105,16 @@ class UpdateConfig:
 
 
 @dataclass
+class ResetConfig:
+    data: str | None = field(None, "dataset reset (DR-PO): a preference or demonstration file (as task.data) whose replies rollouts are reset to; "
+                                   "null = no reset")
+    prob: float = field(1.0, "probability that a prompt's rollouts are reset (the authors' beta; 1 = every prompt that has a reply in reset.data)")
+    # ``field`` is the last setting of this class: from here on, the name is the setting, not the helper.
+    field: Literal["chosen", "rejected", "completion"] = field("chosen", "which reply of a reset.data row: chosen or rejected (a preference file), completion (a demonstration "
+                                   "file: its last assistant reply)")
+
+
+@dataclass
 class RebelConfig:
     eta: float = field(1.0, "REBEL step size: target log-ratio difference per unit of reward difference")
     kl_coef: float = field(0.05, "reward -= kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), per sequence")
@@ -148,6 +158,19 @@ class SftConfig:
                                  "each row attending only to itself: a micro-batch is update.micro_batch_size packed sequences, with no padding "
                                  "between rows; the loss is the unpacked one")
     max_length: int = field(1024, "packing: tokens of a packed sequence (TRL's default); every demonstration must fit in it")
+
+
+@dataclass
+class AlolConfig:
+    variant: Literal["alol", "seq", "ref_free", "kl"] = field(
+        "alol", "alol: A+ x clipped pi/pi_ref of the reply x its NLL; seq: the ratio clipped per token; ref_free: A x NLL, no ratio; "
+                "kl: A+ x NLL plus kl_beta x log pi/pi_ref (which shifts the advantage by kl_beta)")
+    kl_beta: float | None = field(None, "variant=kl: the weight of log pi/pi_ref; no usable default exists, so it must be set")
+    priority: bool = field(True, "draw each iteration's rows with probability proportional to A+ (with replacement), as the authors; "
+                                 "false: the data's rows in shuffled epochs")
+    weight_min: float = field(0.1, "the importance weight's lower clip (the authors' 0.1)")
+    weight_max: float = field(1.9, "the importance weight's upper clip (the authors' 1.9)")
+    value_ridge: float = field(1.0, "ridge penalty of V_ref's linear head, fitted in closed form on the reference's prompt states")
 
 
 @dataclass
@@ -226,17 +249,18 @@ class CheckpointConfig:
 
 # Passes over an iteration's samples where update.epochs is not set: A*-PO's authors (and TRL) make one;
 # an offline method's iteration is one step on its minibatch.
-DEFAULT_EPOCHS = {"astar_po": 1, "dpo": 1, "hypo": 1, "sft": 1, "reward_model": 1}
-OFFLINE_ALGOS = ("dpo", "hypo", "sft", "reward_model")
+DEFAULT_EPOCHS = {"astar_po": 1, "dpo": 1, "hypo": 1, "sft": 1, "reward_model": 1, "alol": 1}
+OFFLINE_ALGOS = ("dpo", "hypo", "sft", "reward_model", "alol")
 
 
 @dataclass
 class TrainConfig:
-    algo: Literal["rebel", "refuel", "online_dpo", "rloo", "grpo", "ppo", "astar_po", "dpo", "hypo", "sft", "reward_model"] = field(
+    algo: Literal["rebel", "refuel", "online_dpo", "rloo", "grpo", "ppo", "astar_po", "dpo", "hypo", "sft", "reward_model", "alol"] = field(
         "rebel", "rebel: single-turn prompts; refuel: multi-turn dialogues (task=chitchat-dialogue, secret, guess-number or env); "
         "online_dpo, rloo, grpo, ppo, astar_po: the single-turn methods REBEL is compared with, on the same loop; "
         "dpo, hypo, reward_model (task=preferences) and sft (task=demonstrations): offline methods on a dataset, an iteration "
-        "being one optimizer step on update.minibatch_size rows"
+        "being one optimizer step on update.minibatch_size rows; alol: A-LoL, offline policy gradient on scored replies "
+        "(task=demonstrations, or preferences: both replies of each pair; reward.fn)"
     )
     run_dir: str = field("runs/rebel", "output folder: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, report.md, plots/")
     iterations: int = field(10, "collect -> score -> update rounds")
@@ -255,6 +279,7 @@ class TrainConfig:
     reward: RewardConfig = field(RewardConfig())
     rollout: RolloutConfig = field(RolloutConfig())
     update: UpdateConfig = field(UpdateConfig())
+    reset: ResetConfig = field(ResetConfig())
     rebel: RebelConfig = field(RebelConfig())
     refuel: RefuelConfig = field(RefuelConfig())
     online_dpo: OnlineDpoConfig = field(OnlineDpoConfig())
@@ -265,6 +290,7 @@ class TrainConfig:
     dpo: DpoConfig = field(DpoConfig())
     hypo: HypoConfig = field(HypoConfig())
     sft: SftConfig = field(SftConfig())
+    alol: AlolConfig = field(AlolConfig())
     reward_model: RewardModelConfig = field(RewardModelConfig())
     optim: OptimConfig = field(OptimConfig())
     eval: EvalConfig = field(EvalConfig())

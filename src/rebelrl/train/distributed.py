@@ -223,9 +223,9 @@ class GatheringGenerator:
     def __init__(self, generator, gathered: Callable):
         self.inner, self.gathered = generator, gathered
 
-    def generate(self, prompts, n, params):
+    def generate(self, prompts, n, params, **options):
         with self.gathered():
-            return self.inner.generate(prompts, n, params)
+            return self.inner.generate(prompts, n, params, **options)
 
     def __getattr__(self, name):  # model, tokenizer, stop_ids, batch_size
         return getattr(self.inner, name)

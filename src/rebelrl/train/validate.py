@@ -111,7 +111,9 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
     "OnlineDpoConfig": {"beta": POSITIVE, "r_max": POSITIVE},
     "DpoConfig": {"beta": POSITIVE, "r_max": POSITIVE},
     "HypoConfig": {"kl_coef": NON_NEGATIVE},
+    "ResetConfig": {"prob": Range(0, 1, low_open=True, why="leave reset.data unset for no reset")},
     "SftConfig": {"max_length": AT_LEAST_ONE},
+    "AlolConfig": {"kl_beta": NON_NEGATIVE, "weight_min": POSITIVE, "weight_max": POSITIVE, "value_ridge": NON_NEGATIVE},
     "RewardModelConfig": {"center_coef": NON_NEGATIVE},
     "RlooConfig": {"kl_coef": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True)},
     "GrpoConfig": {"beta": NON_NEGATIVE, "clip_eps": Range(0, 1, low_open=True, high_open=True), "clip_eps_high": POSITIVE},
@@ -205,6 +207,7 @@ def _train_relations(cfg) -> None:
             f"update.minibatch_size={cfg.update.minibatch_size} must be a multiple of update.micro_batch_size={cfg.update.micro_batch_size}"
         )
     _offline_relations(cfg)
+    _reset_relations(cfg)
     multi_turn = cfg.task.name in ("chitchat-dialogue", "secret", "guess-number", "env")
     if (cfg.algo == "refuel") != multi_turn and cfg.task.name not in DATA_TASKS:
         raise ConfigError(
@@ -244,7 +247,28 @@ def _train_relations(cfg) -> None:
 
 
 # The data each offline method trains on; the online methods train on prompts and never read task.data.
-DATA_TASKS = {"preferences": ("dpo", "hypo", "reward_model", "sft"), "demonstrations": ("sft",)}
+DATA_TASKS = {"preferences": ("dpo", "hypo", "reward_model", "sft", "alol"), "demonstrations": ("sft", "alol")}
+
+
+# The online methods whose rollouts dataset reset can start from a reply's prefix.
+RESET_ALGOS = ("rebel", "online_dpo", "rloo", "grpo", "ppo")
+
+
+def _reset_relations(cfg) -> None:
+    x, default = cfg.reset, type(cfg.reset)()
+    if x.data is None:
+        changed = [f"reset.{k}={getattr(x, k)}" for k in ("prob", "field") if getattr(x, k) != getattr(default, k)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} is read only with reset.data (the file of replies to reset to): it would be ignored")
+        return
+    if cfg.algo not in RESET_ALGOS:
+        why = {"astar_po": "its V*(x) is estimated from the prompt alone, not from a reset state",
+               "refuel": "it branches multi-turn dialogues; reset one turn's reply with a single-turn method"}.get(
+            cfg.algo, "it samples no rollouts of its own to reset")
+        raise ConfigError(f"reset.data: dataset reset starts rollouts of {', '.join(RESET_ALGOS)}; algo={cfg.algo} cannot use it: {why}")
+    if x.field == "completion" and cfg.task.name == "preferences" and x.data == cfg.task.data:
+        raise ConfigError("reset.field=completion reads a demonstration file; reset.data is task.data, a preference file: "
+                          "set reset.field=chosen or rejected")
 
 
 def _offline_relations(cfg) -> None:
@@ -275,6 +299,15 @@ def _offline_relations(cfg) -> None:
                           f"algo={cfg.algo}{'' if cfg.algo in ('refuel', 'reward_model') else ' and no reward.fn'} it would be ignored")
     if cfg.eval.gold_fn is None and cfg.eval.gold_kwargs:
         raise ConfigError("eval.gold_kwargs is read only with eval.gold_fn: it would be ignored")
+    if cfg.algo == "alol" and cfg.reward.fn is None:
+        raise ConfigError("algo=alol needs reward.fn: it scores the rows (where they carry no 'reward' column) and the reference's own "
+                          "replies that V_ref is fitted to")
+    if cfg.algo == "alol" and cfg.alol.variant == "kl" and cfg.alol.kl_beta is None:
+        raise ConfigError("alol.variant=kl needs alol.kl_beta (the weight of log pi/pi_ref; it has no usable default)")
+    if cfg.alol.kl_beta is not None and (cfg.algo != "alol" or cfg.alol.variant != "kl"):
+        raise ConfigError(f"alol.kl_beta={cfg.alol.kl_beta:g} is read only by algo=alol with alol.variant=kl: it would be ignored")
+    if cfg.alol.weight_min > cfg.alol.weight_max:
+        raise ConfigError(f"alol.weight_min={cfg.alol.weight_min:g} must be <= alol.weight_max={cfg.alol.weight_max:g}")
     if cfg.sft.packing and cfg.algo != "sft":
         raise ConfigError(f"sft.packing packs demonstrations for algo=sft: with algo={cfg.algo} it would be ignored; set it to false")
     if cfg.sft.max_length != type(cfg.sft)().max_length and not cfg.sft.packing:

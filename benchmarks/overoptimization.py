@@ -21,7 +21,7 @@ all the seeds asked, so methods can be added one command at a time.
     python benchmarks/overoptimization.py                       # 2 seeds, offline methods
     python benchmarks/overoptimization.py --seeds 0 1 2 --online
     python benchmarks/overoptimization.py --prompts 64 --epochs 4 --evals 5 --methods DPO chi-PO IPO HyPO   # what the README reports
-    python benchmarks/overoptimization.py --prompts 64 --epochs 4 --evals 5 --online --methods REBEL PPO RLOO
+    python benchmarks/overoptimization.py --prompts 64 --epochs 4 --evals 3 --online-iterations 6 --online --methods REBEL PPO RLOO
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ OFFLINE = {  # name: overrides
     "chi-PO": ["algo=dpo", "dpo.loss=chipo", "dpo.beta=0.1"],
     "HyPO": ["algo=hypo", "dpo.beta=0.1", "hypo.kl_coef=0.1", "rollout.samples_per_prompt=2"],
 }
-ONLINE = {
-    "REBEL": ["algo=rebel", "rebel.eta=3.0", "rebel.kl_coef=0.0"],
-    "PPO": ["algo=ppo", "rollout.samples_per_prompt=2", "ppo.kl_coef=0.0"],
-    "RLOO": ["algo=rloo", "rollout.samples_per_prompt=4", "rloo.kl_coef=0.0", "update.epochs=1"],
+ONLINE = {  # 16 prompts an iteration; every optimizer step sees 16 completions (REBEL: 8 pairs)
+    "REBEL": ["algo=rebel", "rebel.eta=3.0", "rebel.kl_coef=0.0", "update.minibatch_size=8", "update.micro_batch_size=8"],
+    "PPO": ["algo=ppo", "rollout.samples_per_prompt=2", "ppo.kl_coef=0.0", "update.minibatch_size=16", "update.micro_batch_size=16"],
+    "RLOO": ["algo=rloo", "rollout.samples_per_prompt=4", "rloo.kl_coef=0.0", "update.epochs=1", "update.minibatch_size=16",
+             "update.micro_batch_size=16"],
 }
 WALL = "testbed_wall_seconds.json"  # written next to each run's own files: its wall time, kept for later reports
 
@@ -144,7 +145,7 @@ def main() -> None:
                 scorer = "reward.fn=rebelrl.rewards.reward_model:RewardModelScorer.from_pretrained"
                 run = [*task, *overrides, scorer, f"reward.kwargs.name_or_path={proxy / 'reward_model'}", "eval.gold_fn=vader",
                        f"iterations={args.online_iterations}", f"eval.every={max(1, args.online_iterations // args.evals)}",
-                       "rollout.prompts_per_iter=16", "update.minibatch_size=8", "update.micro_batch_size=8", f"optim.lr={args.lr}"]
+                       "rollout.prompts_per_iter=16", f"optim.lr={args.lr}"]
             walls[f"{name}, seed {seed}"] = train(run_dir, [*run, f"seed={seed}", *args.overrides], log)
     finished = [name for name in {**OFFLINE, **ONLINE} if all((out / f"{name}-seed{seed}" / "report.md").exists() for seed in args.seeds)]
     for name in finished:

@@ -157,7 +157,8 @@ def _train(cfg: TrainConfig) -> int:
     from rebelrl.algos import offline, pg, rebel, refuel
 
     user_model = cfg.task.user_model if cfg.task.name == "chitchat-dialogue" and cfg.task.user is None else None
-    _check_hub_ids({"model.name": cfg.model.name, "model.ref_name": cfg.model.ref_name, "task.user_model": user_model})
+    _check_hub_ids({"model.name": cfg.model.name, "model.ref_name": cfg.model.ref_name, "task.user_model": user_model,
+                    "guide.model": cfg.guide.model})
 
     from rebelrl.train.config import OFFLINE_ALGOS
 

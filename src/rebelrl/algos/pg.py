@@ -198,12 +198,13 @@ class Collected:
 def collect(run: Run, prompts, method: Method) -> Collected:
     t0 = time.perf_counter()
     extra = estimate_v_star(run, prompts) if run.cfg.algo == "astar_po" else 0
-    rollout = run.sample(prompts, method.samples_per_prompt(run.cfg))
+    rollout, guided = run.sample(prompts, method.samples_per_prompt(run.cfg))
     t1 = time.perf_counter()
     scores = run.score(rollout)  # (N,)
     t2 = time.perf_counter()
     collected = assemble(run, rollout, scores, method)
-    collected.metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "completions": len(rollout) + extra})
+    extra += guided.get("guide/completions", 0)  # the guide's replies count against the budget too
+    collected.metrics.update({**guided, "time/rollout": t1 - t0, "time/score": t2 - t1, "completions": len(rollout) + extra})
     return collected
 
 

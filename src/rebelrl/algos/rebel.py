@@ -68,13 +68,15 @@ def collect(run: Run, prompts) -> Collected:
     """Sample, score, compute log pi_t and log pi_ref, and form pairs (no gradients)."""
     cfg: TrainConfig = run.cfg
     t0 = time.perf_counter()
-    rollout = run.sample(prompts, cfg.rollout.samples_per_prompt)
+    rollout, guided = run.sample(prompts, cfg.rollout.samples_per_prompt)
     t1 = time.perf_counter()
     scores = run.score(rollout)  # (N,)
     t2 = time.perf_counter()
     index = make_pairs(scores, cfg.rollout.samples_per_prompt, cfg.rollout.pairing)  # (B, 2)
     batch = assemble(run, rollout, scores, index)
-    batch.metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "completions": len(rollout)})
+    # the guide's replies count against the budget too
+    batch.metrics.update({**guided, "time/rollout": t1 - t0, "time/score": t2 - t1,
+                          "completions": len(rollout) + guided.get("guide/completions", 0)})
     return batch
 
 

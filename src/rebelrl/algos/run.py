@@ -46,6 +46,7 @@ from rebelrl.models import AdapterDisabled, Critic, apply_lora, context_length, 
 from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.rollout.chat import ChatTemplateError, encode_prompt, stop_token_ids
+from rebelrl.rollout.guide import Guide, guided_rollout
 from rebelrl.rollout.reset import ResetStates
 from rebelrl.rollout.dialogue import encode_demonstration, encode_reply
 from rebelrl.seeding import rng_state, seed_everything, set_rng_state
@@ -58,7 +59,7 @@ from rebelrl.train.optim import make_optimizer, make_schedule
 from rebelrl.train.run_dir import RunDirError  # noqa: F401  (raised through here since the first version)
 from rebelrl.train.memory import free_at_once, release_free_memory
 from rebelrl.train.threads import pin_threads
-from rebelrl.types import PreferencePair
+from rebelrl.types import PreferencePair, Rollout
 
 INITIAL_SAMPLES = "eval_initial.jsonl"
 
@@ -96,6 +97,7 @@ class Run:
     held_out: Callable[[Run], dict] | None = None
     gold_reward_fn: RewardFn | None = None  # eval.gold_fn: a second judge of the held-out samples
     reset: ResetStates | None = None  # reset.data: the replies rollouts are reset to (dataset reset)
+    guide: Guide | None = None  # guide.mode: the model that writes part of each training reply
     _bar: object = None
 
     # --- set-up --------------------------------------------------------------------------------
@@ -133,6 +135,7 @@ class Run:
 
         tokenizer = load_tokenizer(cfg.model.name, cfg.task.prompt_format)
         reset = ResetStates.load(cfg, tokenizer, stop_token_ids(tokenizer), task.train) if cfg.reset.data is not None else None
+        _check_guide_tokenizer(cfg, tokenizer)
         if task.train_data is not None:  # every row fits the model's context, checked before any model loads
             check_data_lengths(task, tokenizer, model_context(cfg.model.name), cfg.sft.max_length if cfg.sft.packing else None)
         policy, ref = (load_models or _load_models)(cfg, checkpoint)
@@ -143,6 +146,7 @@ class Run:
             check_prompt_lengths(task, tokenizer, context_length(policy.config), max(r.max_new_tokens, eval_budget), budget_key)
             ref.to(processes.device)
         policy.to(processes.device)
+        guide = _load_guide(cfg, tokenizer, ref, processes.device)
         critic = _load_critic(cfg, policy, checkpoint)
         trainable = list(policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
         optimizer = make_optimizer(trainable, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
@@ -164,7 +168,7 @@ class Run:
             eval_reward_fn=checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i)) if reward_fn is not None else None,
             gold_reward_fn=_gold_reward(cfg, task),
             metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
-            recompute_old=_recompute_old(cfg, policy), critic=critic, processes=processes, reset=reset,
+            recompute_old=_recompute_old(cfg, policy), critic=critic, processes=processes, reset=reset, guide=guide,
             wrapped_policy=wrapped if wrapped is not policy else None,
             wrapped_critic=processes.prepare_module(critic) if critic is not None and processes.distributed else None,
         )
@@ -203,12 +207,21 @@ class Run:
         self.evals = read_jsonl(self.eval_log.path)
         self.say(f"rebelrl: resumed from {checkpoint} (iteration {self.start_iteration})")
 
-    def sample(self, prompts: list, n: int):
-        """``n`` replies of the current policy to each prompt: a training rollout, which dataset reset
-        (``reset.data``) may start from a prefix of the data's reply; evaluation never calls this."""
+    def sample(self, prompts: list, n: int) -> tuple[Rollout, dict[str, float]]:
+        """``n`` replies of the current policy to each prompt, a training rollout: dataset reset
+        (``reset.data``) may start them from a prefix of the data's reply, a guide (``guide.mode``) may
+        write part of them; evaluation never calls this. Returns the rollout and what the guide did
+        (``guide/completions``: the replies the guide wrote, which count against a budget)."""
+        if self.guide is not None:
+            return guided_rollout(self.guide, self.generator, prompts, n, self.sampling, self.iteration, self.policy_logps)
         if self.reset is None:
-            return self.generator.generate(prompts, n, self.sampling)
-        return self.generator.generate(prompts, n, self.sampling, prefixes=self.reset.prefixes(prompts, self.sampling.max_new_tokens))
+            return self.generator.generate(prompts, n, self.sampling), {}
+        return self.generator.generate(prompts, n, self.sampling, prefixes=self.reset.prefixes(prompts, self.sampling.max_new_tokens)), {}
+
+    def policy_logps(self, rollout: Rollout) -> torch.Tensor:
+        """(N, T) log pi_t of every completion token of ``rollout`` by a forward pass of the current policy."""
+        with self.processes.full_weights(self.learner):
+            return rollout_logprobs(self.policy, rollout, self.sampling.logprob_temperature, self.cfg.update.micro_batch_size * 2)
 
     @property
     def learner(self) -> torch.nn.Module:
@@ -700,6 +713,27 @@ def _with_defaults(config: dict, defaults: dict) -> dict:
         both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
         out[key] = _with_defaults(value, defaults[key]) if both_dicts else value
     return out
+
+
+def _check_guide_tokenizer(cfg: TrainConfig, tokenizer) -> None:
+    """A guide named by ``guide.model`` writes tokens the policy reads: the two share one tokenizer
+    (checked before any model loads)."""
+    if cfg.guide.mode != "none" and cfg.guide.model is not None:
+        if load_tokenizer(cfg.guide.model, cfg.task.prompt_format).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"guide.model={cfg.guide.model!r} has another tokenizer than model.name={cfg.model.name!r}; a guide writes "
+                              "tokens the policy reads: give one of the same family")
+
+
+def _load_guide(cfg: TrainConfig, tokenizer, ref: torch.nn.Module | None, device) -> Guide | None:
+    """``guide.mode``'s model: the reference policy, or ``guide.model``. It never trains, so it is never
+    checkpointed: a resumed run loads it again as it was."""
+    g = cfg.guide
+    if g.mode == "none":
+        return None
+    model = ref if g.model is None else load_causal_lm(g.model, cfg.model.dtype, cfg.seed).to(device)
+    params = SamplingParams(cfg.rollout.temperature, g.top_p, 0, cfg.rollout.max_new_tokens)
+    switch = 0.8 if g.mode == "lols" and g.switch is None else g.switch
+    return Guide(HFGenerator(model, tokenizer, cfg.rollout.batch_size), params, g.mode, g.prob, switch, cfg.seed)
 
 
 def _load_critic(cfg: TrainConfig, policy: torch.nn.Module, checkpoint: Path | None) -> Critic | None:

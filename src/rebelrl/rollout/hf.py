@@ -224,7 +224,9 @@ class HFGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[Conversation], n: int, params: SamplingParams, seeds: list[int] | None = None,
                  prefixes: list[list[int]] | None = None) -> Rollout:
-        """``prefixes``: tokens each prompt's replies are forced to begin with ([] for none; dataset reset)."""
+        """``prefixes``: tokens each prompt's replies are forced to begin with ([] for none; dataset reset,
+        a guide's roll-in, or the policy's roll-in that a guide continues). A prefix that ends with a
+        stop token is a whole reply: its rows stop there."""
         for name, values in (("seeds", seeds), ("prefixes", prefixes)):
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"{name}: one a prompt, got {len(values)} for {len(prompts)} prompts")
@@ -253,8 +255,8 @@ class HFGenerator:
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, device)  # (B, P)
         forced = None
         if prefixes is not None:
-            if any(len(p) >= params.max_new_tokens for p in prefixes):
-                raise ValueError(f"a forced prefix must leave the policy a token of the {params.max_new_tokens} it may write")
+            if any(len(p) > params.max_new_tokens for p in prefixes):
+                raise ValueError(f"a forced prefix is longer than the {params.max_new_tokens} tokens a reply may have")
             forced = torch.full((len(prompts), max(1, max(len(p) for p in prefixes))), -1, dtype=torch.long)
             for i, p in enumerate(prefixes):
                 forced[i, : len(p)] = torch.tensor(p, dtype=torch.long)

@@ -115,6 +115,19 @@ class ResetConfig:
 
 
 @dataclass
+class GuideConfig:
+    mode: Literal["none", "rollin", "rollout", "lols", "d2lols"] = field(
+        "none", "guided roll-in / roll-out (RLGF): rollin (PPO++: the guide writes a prefix, the policy the rest), rollout (AggreVaTeD: the "
+                "policy writes a prefix, the guide the rest), lols (rollin with probability guide.switch each iteration, else rollout), "
+                "d2lols (rollout before iteration guide.switch, rollin from it on); none: no guide")
+    model: str | None = field(None, "the guide: a causal LM by name or path with the policy's tokenizer; null = the reference policy")
+    prob: float = field(0.8, "the chance that a prompt's replies are guided (the authors' beta; 0.8 in most of their configs)")
+    switch: float | None = field(None, "lols: the chance of roll-in each iteration (null = the authors' 0.8); d2lols: the iteration "
+                                       "from which roll-in replaces roll-out (required)")
+    top_p: float = field(0.92, "the guide samples at the rollout's temperature and this top-p (the authors' 0.92)")
+
+
+@dataclass
 class RebelConfig:
     eta: float = field(1.0, "REBEL step size: target log-ratio difference per unit of reward difference")
     kl_coef: float = field(0.05, "reward -= kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), per sequence")
@@ -280,6 +293,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(RolloutConfig())
     update: UpdateConfig = field(UpdateConfig())
     reset: ResetConfig = field(ResetConfig())
+    guide: GuideConfig = field(GuideConfig())
     rebel: RebelConfig = field(RebelConfig())
     refuel: RefuelConfig = field(RefuelConfig())
     online_dpo: OnlineDpoConfig = field(OnlineDpoConfig())

@@ -31,7 +31,7 @@ T = TypeVar("T")
 
 # How a metric of one process's share combines with the other processes' into the whole batch's.
 # Anything not listed is a mean over the share's completions, weighted by their count.
-SUMMED = ("completions",)
+SUMMED = ("completions", "guide/completions", "guide/tokens")
 MAXED = ("logp_mismatch_max", "time/")  # an iteration takes as long as its slowest process
 TOKEN_MEANS = ("sampler_dropped_mass", "value_mean")  # means over completion tokens
 STDS = {"score_std": "score_mean", "reward_std": "reward_mean"}  # a std and the mean it is taken around

@@ -111,6 +111,8 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
     "OnlineDpoConfig": {"beta": POSITIVE, "r_max": POSITIVE},
     "DpoConfig": {"beta": POSITIVE, "r_max": POSITIVE},
     "HypoConfig": {"kl_coef": NON_NEGATIVE},
+    "GuideConfig": {"prob": Range(0, 1, low_open=True, why="guide.mode=none for no guide"), "switch": NON_NEGATIVE,
+                    "top_p": Range(0, 1, low_open=True, why="1 disables")},
     "ResetConfig": {"prob": Range(0, 1, low_open=True, why="leave reset.data unset for no reset")},
     "SftConfig": {"max_length": AT_LEAST_ONE},
     "AlolConfig": {"kl_beta": NON_NEGATIVE, "weight_min": POSITIVE, "weight_max": POSITIVE, "value_ridge": NON_NEGATIVE},
@@ -208,6 +210,7 @@ def _train_relations(cfg) -> None:
         )
     _offline_relations(cfg)
     _reset_relations(cfg)
+    _guide_relations(cfg)
     multi_turn = cfg.task.name in ("chitchat-dialogue", "secret", "guess-number", "env")
     if (cfg.algo == "refuel") != multi_turn and cfg.task.name not in DATA_TASKS:
         raise ConfigError(
@@ -241,7 +244,7 @@ def _train_relations(cfg) -> None:
             f"set threads <= {cores}, or null"
         )
     _task_relations(cfg.task)
-    _check_models(check_model_path, {"model.name": m.name, "model.ref_name": m.ref_name})
+    _check_models(check_model_path, {"model.name": m.name, "model.ref_name": m.ref_name, "guide.model": cfg.guide.model})
     if cfg.task.name == "chitchat-dialogue" and cfg.task.user is None:
         _check_models(check_model_path, {"task.user_model": cfg.task.user_model})
 
@@ -269,6 +272,25 @@ def _reset_relations(cfg) -> None:
     if x.field == "completion" and cfg.task.name == "preferences" and x.data == cfg.task.data:
         raise ConfigError("reset.field=completion reads a demonstration file; reset.data is task.data, a preference file: "
                           "set reset.field=chosen or rejected")
+
+
+def _guide_relations(cfg) -> None:
+    g, default = cfg.guide, type(cfg.guide)()
+    if g.mode == "none":
+        changed = [f"guide.{k}={getattr(g, k)}" for k in ("model", "prob", "switch", "top_p") if getattr(g, k) != getattr(default, k)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} is read only with a guide (guide.mode=rollin, rollout, lols or d2lols): it would be ignored")
+        return
+    if cfg.algo not in RESET_ALGOS:
+        raise ConfigError(f"guide.mode={g.mode}: a guide writes part of the rollouts of {', '.join(RESET_ALGOS)}; algo={cfg.algo} cannot use one")
+    if cfg.reset.data is not None:
+        raise ConfigError("guide.mode and reset.data both choose where a reply starts: use one of them")
+    if g.mode == "d2lols" and (g.switch is None or g.switch != int(g.switch) or g.switch < 1):
+        raise ConfigError(f"guide.mode=d2lols needs guide.switch, the iteration (>= 1) from which roll-in replaces roll-out; got {g.switch}")
+    if g.mode == "lols" and g.switch is not None and not 0 <= g.switch <= 1:
+        raise ConfigError(f"guide.switch={g.switch:g}: with guide.mode=lols it is the chance of roll-in each iteration, in [0, 1]")
+    if g.mode in ("rollin", "rollout") and g.switch is not None:
+        raise ConfigError(f"guide.switch={g.switch:g} is read only by guide.mode=lols or d2lols: with {g.mode} it would be ignored")
 
 
 def _offline_relations(cfg) -> None:

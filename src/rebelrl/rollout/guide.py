@@ -1,0 +1,91 @@
+"""Guided roll-in and roll-out (RLGF, Chang et al., 2023; the TRIL code): a second model writes part of
+each training reply, so the return the policy learns from starts, or ends, in states the guide reaches.
+
+``guide.mode`` says who writes what in an iteration:
+
+- ``rollin`` (PPO++): the guide writes a reply to the prompt; with probability ``guide.prob`` a
+  prompt's rollouts are forced through its first k tokens (k uniform on 1..L-1) and the policy writes
+  the rest. The policy is trained on the tokens it wrote.
+- ``rollout`` (AggreVaTeD): the policy writes its replies; with probability ``guide.prob`` the guide
+  rewrites each of a prompt's replies after its first k tokens (one k for the prompt's replies, k
+  uniform on 1..L-1 for the shortest of them), so the return measures the policy's first k tokens
+  against the guide's continuation. The policy is trained on its k tokens alone.
+- ``lols``: each iteration ``rollin`` with probability ``guide.switch``, else ``rollout``.
+- ``d2lols``: ``rollout`` before iteration ``guide.switch``, ``rollin`` from it on.
+
+Every rollout of a prompt shares its guide prefix (roll-in) or its k (roll-out), so REBEL's pairs and
+the group baselines compare replies on equal terms. The guide's tokens are ``Rollout.forced``: never
+in a policy loss; log pi_t of every token is the policy's own (recomputed where the guide wrote).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from rebelrl.rollout.base import SamplingParams
+from rebelrl.rollout.hf import HFGenerator
+from rebelrl.rollout.reset import ResetStates, prompt_key
+from rebelrl.types import Conversation, Rollout
+
+
+@dataclass
+class Guide:
+    generator: HFGenerator  # the guide model, sampling at its own top-p
+    params: SamplingParams
+    mode: str
+    prob: float
+    switch: float | None
+    seed: int
+
+    def mode_at(self, iteration: int) -> str:
+        """``rollin`` or ``rollout`` for ``iteration``; LOLS draws from a stream of the seed and the iteration alone."""
+        if self.mode == "lols":
+            return "rollin" if random.Random(self.seed * 1_000_003 + iteration).random() < self.switch else "rollout"
+        if self.mode == "d2lols":
+            return "rollout" if iteration < self.switch else "rollin"
+        return self.mode
+
+
+def guided_rollout(guide: Guide, policy, prompts: list[Conversation], n: int, params: SamplingParams, iteration: int,
+                   policy_logps: Callable[[Rollout], torch.Tensor]) -> tuple[Rollout, dict[str, float]]:
+    """``n`` replies to each prompt written by the policy (``policy``: its generator) and the guide as
+    ``guide.mode_at(iteration)`` says; returns the rollout (``forced``: the guide's tokens) and what the
+    guide did. ``policy_logps(rollout)``: (N, T) log pi_t of every completion token, by a forward pass."""
+    mode = guide.mode_at(iteration)
+    if mode == "rollin":
+        written = guide.generator.generate(prompts, 1, guide.params)
+        stops = set(guide.generator.stop_ids)
+        replies = {}
+        for prompt, ids, mask in zip(prompts, written.completion_ids.tolist(), written.completion_mask.tolist()):
+            tokens = [t for t, m in zip(ids, mask) if m]
+            replies.setdefault(prompt_key(prompt), [t for t in tokens if t not in stops])
+        prefixes = ResetStates(replies, guide.prob).prefixes(prompts, params.max_new_tokens)
+        rollout = policy.generate(prompts, n, params, prefixes=prefixes)
+        guided = sum(1 for p in prefixes if p) / max(len(prompts), 1)
+        return rollout, {"guide/rollin": 1.0, "guide/frac": guided, "guide/completions": float(len(prompts)),
+                         "guide/tokens": float(written.completion_mask.sum().item())}
+    own = policy.generate(prompts, n, params)
+    lengths = own.completion_mask.sum(1).view(-1, n)  # (B, n)
+    ids = own.completion_ids.tolist()
+    draws = torch.rand(len(prompts), 2, dtype=torch.float64, device="cpu").tolist()
+    prefixes, rewritten = [], 0
+    for b, (u, v) in enumerate(draws):
+        shortest = int(lengths[b].min())
+        k = 1 + min(int(v * (shortest - 1)), shortest - 2) if u < guide.prob and shortest >= 2 else None
+        rewritten += k is not None
+        for j in range(n):
+            row = b * n + j
+            keep = k if k is not None else int(lengths[b, j])  # not rolled out: the policy's whole reply, the guide adds nothing
+            prefixes.append(ids[row][:keep])
+    rows = [c for c in prompts for _ in range(n)]
+    finished = guide.generator.generate(rows, 1, guide.params, prefixes=prefixes)
+    mine = finished.forced  # the policy's tokens, which the guide was forced through
+    rollout = replace(finished, group_size=n, forced=finished.completion_mask * (1 - mine), dropped_mass=None)
+    # log pi_t of every token is the policy's: where the guide wrote, its own record is the guide's.
+    rollout.sample_logps = policy_logps(rollout) * rollout.completion_mask
+    return rollout, {"guide/rollin": 0.0, "guide/frac": rewritten / max(len(prompts), 1), "guide/completions": float(rewritten * n),
+                     "guide/tokens": float(rollout.forced.sum().item())}

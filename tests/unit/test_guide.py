@@ -1,0 +1,134 @@
+"""Guided roll-in and roll-out (``guide.mode``): who writes which tokens, that the guide's tokens never
+enter a policy loss, that log pi_t is the policy's everywhere, LOLS / D2LOLS schedules, and every
+mode through the CLI (with resume)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rebelrl.cli import main
+from rebelrl.logprobs import rollout_logprobs
+from rebelrl.models import load_causal_lm, load_tokenizer
+from rebelrl.rollout import HFGenerator, SamplingParams
+from rebelrl.rollout.guide import Guide, guided_rollout
+from rebelrl.types import Conversation
+from tests.tiny_run import PROMPTS, TINY_ARGS, die_after_logging, read_jsonl, setup_task, strip_timings
+
+PARAMS = SamplingParams(temperature=1.0, max_new_tokens=8)
+
+
+def _models():
+    tokenizer = load_tokenizer("tiny-random")
+    return tokenizer, load_causal_lm("tiny-random", "float32", 0), load_causal_lm("tiny-random", "float32", 1)  # policy, guide
+
+
+def test_lols_and_d2lols_schedules():
+    lols = Guide(None, PARAMS, "lols", 0.8, 0.8, seed=3)
+    modes = [lols.mode_at(i) for i in range(1, 2001)]
+    assert abs(modes.count("rollin") / 2000 - 0.8) < 0.03 and modes == [lols.mode_at(i) for i in range(1, 2001)]
+    d2 = Guide(None, PARAMS, "d2lols", 0.8, 5, seed=0)
+    assert [d2.mode_at(i) for i in range(1, 8)] == ["rollout"] * 4 + ["rollin"] * 3
+
+
+def _policy_logps(model):
+    return lambda rollout: rollout_logprobs(model, rollout, 1.0)
+
+
+def test_rollin_forces_the_guides_own_tokens_and_the_policy_writes_the_rest():
+    """PPO++: each prompt's rows start with the first k tokens of the guide's reply (one k a prompt);
+    those are the forced tokens; log pi_t of every token is the policy's."""
+    tokenizer, policy, guide_model = _models()
+    prompts = [Conversation.from_prompt(p) for p in ("say hello", "go on", "xyz")]
+    guide = Guide(HFGenerator(guide_model, tokenizer, 4), PARAMS, "rollin", 1.0, None, 0)
+    torch.manual_seed(0)
+    written = guide.generator.generate(prompts, 1, PARAMS)  # what the guide writes first, under the same stream
+    torch.manual_seed(0)
+    rollout, metrics = guided_rollout(guide, HFGenerator(policy, tokenizer, 4), prompts, 2, PARAMS, 1, _policy_logps(policy))
+    assert metrics["guide/rollin"] == 1.0 and metrics["guide/completions"] == 3
+    for row in range(6):
+        k = int(rollout.forced[row].sum())
+        assert rollout.forced[row, :k].all() and not rollout.forced[row, k:].any()
+        if k:
+            assert rollout.completion_ids[row, :k].tolist() == written.completion_ids[row // 2, :k].tolist()
+        assert k == int(rollout.forced[row - row % 2].sum())  # both rows of a prompt share it
+    torch.testing.assert_close(rollout.sample_logps, rollout_logprobs(policy, rollout, 1.0), atol=1e-5, rtol=0)
+
+
+def test_rollout_keeps_the_policys_first_k_tokens_and_the_guide_writes_the_rest():
+    """AggreVaTeD: the policy's rows are its own first k tokens (one k a prompt, 1 <= k < the shortest
+    reply), then the guide's; the policy is trained on its k tokens alone; log pi_t is recomputed by
+    the policy where the guide wrote."""
+    tokenizer, policy, guide_model = _models()
+    prompts = [Conversation.from_prompt(p) for p in ("say hello", "go on", "xyz")]
+    guide = Guide(HFGenerator(guide_model, tokenizer, 4), PARAMS, "rollout", 1.0, None, 0)
+    torch.manual_seed(0)
+    own = HFGenerator(policy, tokenizer, 4).generate(prompts, 2, PARAMS)
+    torch.manual_seed(0)
+    rollout, metrics = guided_rollout(guide, HFGenerator(policy, tokenizer, 4), prompts, 2, PARAMS, 1, _policy_logps(policy))
+    assert metrics["guide/rollin"] == 0.0
+    mine = rollout.policy_mask
+    for row in range(6):
+        k = int(mine[row].sum())
+        shortest = int(own.completion_mask[row - row % 2 : row - row % 2 + 2].sum(1).min())
+        if shortest >= 2:
+            assert 1 <= k < shortest and mine[row, :k].all()
+            assert rollout.completion_ids[row, :k].tolist() == own.completion_ids[row, :k].tolist()
+            assert rollout.forced[row, k:].sum() == rollout.completion_mask[row, k:].sum()  # the rest is the guide's
+        assert k == int(mine[row - row % 2].sum())
+    torch.testing.assert_close(rollout.sample_logps, rollout_logprobs(policy, rollout, 1.0), atol=1e-5, rtol=0)
+
+
+def _train(tmp_path, *extra, name="run", exit_code=0):
+    args = ["train", *TINY_ARGS, f"task.prompts={tmp_path / 'prompts.jsonl'}", "rollout.max_new_tokens=6", f"run_dir={tmp_path / name}", *extra]
+    assert main(args) == exit_code
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("algo, mode", [("rebel", "rollin"), ("rebel", "rollout"), ("ppo", "lols"), ("rloo", "d2lols"), ("ppo", "rollout")])
+def test_every_mode_trains_through_the_cli_and_counts_the_guides_replies(tmp_path, monkeypatch, algo, mode):
+    setup_task(tmp_path, monkeypatch)
+    extra = ["guide.switch=2"] if mode == "d2lols" else []
+    run = _train(tmp_path, f"algo={algo}", "iterations=3", f"guide.mode={mode}", "guide.prob=1.0", *extra)
+    metrics = read_jsonl(run / "metrics.jsonl")
+    for m in metrics:  # 8 prompts, 2 replies each; roll-in: the guide writes one reply a prompt; roll-out: it rewrites the guided prompts' replies
+        guided = 8 if m["guide/rollin"] else m["guide/frac"] * 8 * 2
+        assert m["guide/completions"] == guided and m["completions"] == 16 + guided
+    if mode == "d2lols":
+        assert [m["guide/rollin"] for m in metrics] == [0.0, 1.0, 1.0]
+
+
+def test_resume_with_a_guide_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
+    setup_task(tmp_path, monkeypatch)
+    common = ["algo=ppo", "iterations=4", "guide.mode=lols", "guide.switch=0.5", "guide.model=tiny-random"]
+    full = _train(tmp_path, *common, name="full")
+    with monkeypatch.context() as patch:
+        die_after_logging(patch, 2)
+        _train(tmp_path, *common, name="killed", exit_code=130)
+    killed = _train(tmp_path, *common, "--resume", name="killed")
+    assert strip_timings(read_jsonl(full / "metrics.jsonl")) == strip_timings(read_jsonl(killed / "metrics.jsonl"))
+    a = load_file(full / "checkpoints" / "iter-000004" / "model" / "model.safetensors")
+    b = load_file(killed / "checkpoints" / "iter-000004" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["guide.prob=0.5"], "guide.prob=0.5 is read only with a guide"),
+    (["guide.mode=d2lols"], "guide.mode=d2lols needs guide.switch"),
+    (["guide.mode=rollin", "guide.switch=3"], "guide.switch=3 is read only by guide.mode=lols or d2lols"),
+    (["guide.mode=rollin", "algo=astar_po"], "algo=astar_po cannot use one"),
+    (["guide.mode=rollin", "reset.data=x.jsonl"], "use one of them"),
+    (["guide.mode=rollin", "guide.model=GEMMA"], "has another tokenizer than model.name='tiny-random'"),
+])
+def test_guide_settings_that_cannot_work_are_refused(tmp_path, monkeypatch, capsys, override, message):
+    setup_task(tmp_path, monkeypatch)
+    from rebelrl import models
+    from tests.families import build_family
+
+    if any("GEMMA" in o for o in override):
+        override = [o.replace("GEMMA", str(build_family("gemma", tmp_path / "gemma"))) for o in override]
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    _train(tmp_path, *override, exit_code=2)
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

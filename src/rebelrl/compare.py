@@ -151,12 +151,14 @@ def _budget(cfg: CompareConfig, run: TrainConfig) -> tuple[int, int, str, str]:
 
 
 def completions_per_iteration(cfg: TrainConfig) -> int:
-    """Completions one iteration generates; A*-PO's count assumes prompts not seen before (its first
-    pass over the data, which a comparison budget stays within)."""
+    """Completions one iteration generates at most; A*-PO's count assumes prompts not seen before (its
+    first pass over the data, which a comparison budget stays within). A guide's replies count: at
+    most one a prompt rolling in, one a policy reply rolling out (a run may spend less than its budget)."""
     prompts = cfg.rollout.prompts_per_iter
     if cfg.algo == "astar_po":
         return prompts * (1 + cfg.astar.ref_samples)
-    return prompts * cfg.rollout.samples_per_prompt
+    guide = {"none": 0, "rollin": prompts}.get(cfg.guide.mode, prompts * cfg.rollout.samples_per_prompt)
+    return prompts * cfg.rollout.samples_per_prompt + guide
 
 
 def run_all(cfg: CompareConfig, quick: bool = False, launch=None) -> Path:

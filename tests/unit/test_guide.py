@@ -43,7 +43,8 @@ def test_rollin_forces_the_guides_own_tokens_and_the_policy_writes_the_rest():
     prompts = [Conversation.from_prompt(p) for p in ("say hello", "go on", "xyz")]
     guide = Guide(HFGenerator(guide_model, tokenizer, 4), PARAMS, "rollin", 1.0, None, 0)
     torch.manual_seed(0)
-    written = guide.generator.generate(prompts, 1, PARAMS)  # what the guide writes first, under the same stream
+    torch.rand(3, 2, dtype=torch.float64)  # the draws guided_rollout makes first
+    written = guide.generator.generate(prompts, 1, PARAMS)  # what the guide writes then (every prompt: guide.prob = 1)
     torch.manual_seed(0)
     rollout, metrics = guided_rollout(guide, HFGenerator(policy, tokenizer, 4), prompts, 2, PARAMS, 1, _policy_logps(policy))
     assert metrics["guide/rollin"] == 1.0 and metrics["guide/completions"] == 3
@@ -64,6 +65,7 @@ def test_rollout_keeps_the_policys_first_k_tokens_and_the_guide_writes_the_rest(
     prompts = [Conversation.from_prompt(p) for p in ("say hello", "go on", "xyz")]
     guide = Guide(HFGenerator(guide_model, tokenizer, 4), PARAMS, "rollout", 1.0, None, 0)
     torch.manual_seed(0)
+    torch.rand(3, 2, dtype=torch.float64)  # the draws guided_rollout makes first
     own = HFGenerator(policy, tokenizer, 4).generate(prompts, 2, PARAMS)
     torch.manual_seed(0)
     rollout, metrics = guided_rollout(guide, HFGenerator(policy, tokenizer, 4), prompts, 2, PARAMS, 1, _policy_logps(policy))
@@ -132,3 +134,18 @@ def test_guide_settings_that_cannot_work_are_refused(tmp_path, monkeypatch, caps
     _train(tmp_path, *override, exit_code=2)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_compare_counts_the_guides_replies_in_the_budget():
+    """An iteration spends its own replies plus at most the guide's: one a prompt rolling in, one a
+    policy reply rolling out (LOLS and D2LOLS may do either)."""
+    from rebelrl.compare import completions_per_iteration
+    from rebelrl.train.config import GuideConfig, RolloutConfig, TrainConfig
+
+    def per_iteration(mode, **kw):
+        return completions_per_iteration(TrainConfig(algo="ppo", rollout=RolloutConfig(prompts_per_iter=8, samples_per_prompt=2),
+                                                     guide=GuideConfig(mode=mode, **kw)))
+
+    assert per_iteration("none") == 16
+    assert per_iteration("rollin") == 16 + 8
+    assert per_iteration("rollout") == per_iteration("lols") == per_iteration("d2lols", switch=3) == 16 + 16

@@ -3,7 +3,7 @@ each training reply, so the return the policy learns from starts, or ends, in st
 
 ``guide.mode`` says who writes what in an iteration:
 
-- ``rollin`` (PPO++): the guide writes a reply to the prompt; with probability ``guide.prob`` a
+- ``rollin`` (PPO++): with probability ``guide.prob`` the guide writes a reply to a prompt, the
   prompt's rollouts are forced through its first k tokens (k uniform on 1..L-1) and the policy writes
   the rest. The policy is trained on the tokens it wrote.
 - ``rollout`` (AggreVaTeD): the policy writes its replies; with probability ``guide.prob`` the guide
@@ -28,7 +28,7 @@ import torch
 
 from rebelrl.rollout.base import SamplingParams
 from rebelrl.rollout.hf import HFGenerator
-from rebelrl.rollout.reset import ResetStates, prompt_key
+from rebelrl.rollout.reset import cut_point
 from rebelrl.types import Conversation, Rollout
 
 
@@ -56,31 +56,31 @@ def guided_rollout(guide: Guide, policy, prompts: list[Conversation], n: int, pa
     ``guide.mode_at(iteration)`` says; returns the rollout (``forced``: the guide's tokens) and what the
     guide did. ``policy_logps(rollout)``: (N, T) log pi_t of every completion token, by a forward pass."""
     mode = guide.mode_at(iteration)
+    draws = torch.rand(len(prompts), 2, dtype=torch.float64, device="cpu").tolist()  # two numbers a prompt: guided? and k
     if mode == "rollin":
-        written = guide.generator.generate(prompts, 1, guide.params)
-        stops = set(guide.generator.stop_ids)
-        replies = {}
-        for prompt, ids, mask in zip(prompts, written.completion_ids.tolist(), written.completion_mask.tolist()):
-            tokens = [t for t, m in zip(ids, mask) if m]
-            replies.setdefault(prompt_key(prompt), [t for t in tokens if t not in stops])
-        prefixes = ResetStates(replies, guide.prob).prefixes(prompts, params.max_new_tokens)
+        chosen = [b for b, (u, _) in enumerate(draws) if u < guide.prob]
+        prefixes: list[list[int]] = [[] for _ in prompts]
+        tokens = 0
+        if chosen:
+            written = guide.generator.generate([prompts[b] for b in chosen], 1, guide.params)  # only where it rolls in
+            stops, tokens = set(guide.generator.stop_ids), int(written.completion_mask.sum())
+            for row, b in enumerate(chosen):
+                reply = [t for t, m in zip(written.completion_ids[row].tolist(), written.completion_mask[row].tolist()) if m and t not in stops]
+                k = cut_point(draws[b][1], min(len(reply), params.max_new_tokens))
+                prefixes[b] = reply[:k]
         rollout = policy.generate(prompts, n, params, prefixes=prefixes)
-        guided = sum(1 for p in prefixes if p) / max(len(prompts), 1)
-        return rollout, {"guide/rollin": 1.0, "guide/frac": guided, "guide/completions": float(len(prompts)),
-                         "guide/tokens": float(written.completion_mask.sum().item())}
+        return rollout, {"guide/rollin": 1.0, "guide/frac": sum(1 for p in prefixes if p) / max(len(prompts), 1),
+                         "guide/completions": float(len(chosen)), "guide/tokens": float(tokens)}
     own = policy.generate(prompts, n, params)
     lengths = own.completion_mask.sum(1).view(-1, n)  # (B, n)
     ids = own.completion_ids.tolist()
-    draws = torch.rand(len(prompts), 2, dtype=torch.float64, device="cpu").tolist()
     prefixes, rewritten = [], 0
     for b, (u, v) in enumerate(draws):
-        shortest = int(lengths[b].min())
-        k = 1 + min(int(v * (shortest - 1)), shortest - 2) if u < guide.prob and shortest >= 2 else None
-        rewritten += k is not None
+        k = cut_point(v, int(lengths[b].min())) if u < guide.prob else 0  # one k for the prompt's replies
+        rewritten += k > 0
         for j in range(n):
-            row = b * n + j
-            keep = k if k is not None else int(lengths[b, j])  # not rolled out: the policy's whole reply, the guide adds nothing
-            prefixes.append(ids[row][:keep])
+            keep = k or int(lengths[b, j])  # not rolled out: the policy's whole reply, to which the guide adds nothing
+            prefixes.append(ids[b * n + j][:keep])
     rows = [c for c in prompts for _ in range(n)]
     finished = guide.generator.generate(rows, 1, guide.params, prefixes=prefixes)
     mine = finished.forced  # the policy's tokens, which the guide was forced through

@@ -30,6 +30,12 @@ def prompt_key(conversation: Conversation) -> tuple:
     return tuple((m["role"], m["content"]) for m in chat)
 
 
+def cut_point(v: float, length: int) -> int:
+    """k uniform on {1, ..., length-1} from ``v`` uniform on [0, 1), as the authors draw it (never 0,
+    never the whole reply); 0 where ``length`` < 2 leaves no such k."""
+    return 1 + min(int(v * (length - 1)), length - 2) if length >= 2 else 0
+
+
 @dataclass
 class ResetStates:
     """The reply tokens to reset to, by prompt, and the probability of a reset."""
@@ -74,12 +80,8 @@ class ResetStates:
         out = []
         for prompt, (u, v) in zip(prompts, draws):
             tokens = self.replies.get(prompt_key(prompt), [])
-            longest = min(len(tokens), max_new_tokens)  # L, cut to the token budget
-            if u >= self.prob or longest < 2:
-                out.append([])
-                continue
-            k = 1 + min(int(v * (longest - 1)), longest - 2)  # uniform on {1, ..., L-1}
-            out.append(tokens[:k])
+            k = cut_point(v, min(len(tokens), max_new_tokens))  # L cut to the token budget
+            out.append(tokens[:k] if u < self.prob and k else [])
         return out
 
     def coverage(self, prompts: list[Conversation]) -> int:

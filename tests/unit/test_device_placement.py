@@ -7,6 +7,7 @@ so only such a stand-in (or a GPU) shows the mismatch."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -19,7 +20,7 @@ from rebelrl.models import Critic
 from rebelrl.rollout import HFGenerator
 from rebelrl.types import Rollout
 from tests.fake_device import DEVICE, FakeDeviceTensor, fake_accelerator, on_device, to_device
-from tests.tiny_run import REFUEL_ARGS, TINY_ARGS, read_jsonl, setup_task
+from tests.tiny_run import PROMPTS, REFUEL_ARGS, TINY_ARGS, read_jsonl, setup_task
 
 ALGOS = {
     "rebel": [],
@@ -29,6 +30,8 @@ ALGOS = {
     "ppo": ["algo=ppo"],
     "ppo_separate_critic": ["algo=ppo", "ppo.critic=separate"],
     "astar_po": ["algo=astar_po", "astar.ref_samples=2"],
+    "rebel_guide_rollin": ["guide.mode=rollin", "guide.prob=1.0"],
+    "ppo_guide_rollout": ["algo=ppo", "guide.mode=rollout", "guide.prob=1.0"],
 }
 
 
@@ -80,3 +83,15 @@ def test_refuel_runs_with_its_tensors_on_an_accelerator(tmp_path, monkeypatch, o
     run_dir = tmp_path / "refuel"
     assert main(["train", *REFUEL_ARGS, f"run_dir={run_dir}", "iterations=2", "update.epochs=1", "eval.every=1"]) == 0
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == 2
+
+
+@pytest.mark.parametrize("algo", ["rebel", "ppo", "rloo"])
+def test_dataset_reset_runs_with_its_tensors_on_an_accelerator(tmp_path, monkeypatch, on_accelerator, algo):
+    prompts = setup_task(tmp_path, monkeypatch)
+    data = tmp_path / "replies.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": "all good here", "rejected": "no"}) + "\n" for p in dict.fromkeys(PROMPTS)))
+    run_dir = tmp_path / algo
+    args = [*TINY_ARGS, f"task.prompts={prompts}", f"run_dir={run_dir}", "iterations=2", "update.epochs=1", "eval.every=1", f"algo={algo}",
+            f"reset.data={data}"]
+    assert main(["train", *args]) == 0
+    assert all(m["reset/frac"] == 1.0 for m in read_jsonl(run_dir / "metrics.jsonl"))

@@ -159,10 +159,14 @@ def test_reset_probability_and_coverage(tmp_path, monkeypatch):
     assert 0 < sum(fracs) / len(fracs) < 0.5
 
 
-def test_resume_with_reset_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("setting", ["reset", "guide"])
+def test_resume_with_reset_or_a_guide_repeats_the_uninterrupted_run(tmp_path, monkeypatch, setting):
+    """Reset draws and the guide's (LOLS's per-iteration mode included) come from checkpointed or
+    iteration-seeded streams: a killed and resumed run repeats the uninterrupted one."""
     setup_task(tmp_path, monkeypatch)
     data = write_pairs(tmp_path)
-    common = ["algo=ppo", "iterations=4", f"reset.data={data}", "reset.prob=0.5"]
+    extra = [f"reset.data={data}", "reset.prob=0.5"] if setting == "reset" else ["guide.mode=lols", "guide.switch=0.5", "guide.model=tiny-random"]
+    common = ["algo=ppo", "iterations=4", *extra]
     full = _train(tmp_path, *common, name="full")
     with monkeypatch.context() as patch:
         die_after_logging(patch, 2)

@@ -59,7 +59,7 @@ class CompareConfig:
     methods: list[dict] = field([], "methods: {name, overrides} (dotted train keys, e.g. algo: grpo, rollout.samples_per_prompt: 4)")
     budget: int = field(640, "completions generated per run (rollouts plus A*-PO's reference samples)")
     rows_budget: int | None = field(
-        None, "offline methods (dpo, hypo, sft, reward_model): rows of the data (pairs or demonstrations) each run trains on, "
+        None, "offline methods (dpo, hypo, sft, reward_model, alol): rows of the data (pairs or demonstrations) each run trains on, "
         "as iterations of update.minibatch_size rows; the online methods spend `budget` completions"
     )
     seeds: list[int] = field([0, 1], "training seeds per method (evaluation samples are the same for all)")
@@ -127,7 +127,7 @@ def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
                 first = first or (run_dir if generates else None)
                 runs.append(Plan(task["name"], method["name"], seed, train_cfg, run_dir))
     if cfg.rows_budget is not None and not any(r.cfg.algo in OFFLINE_ALGOS for r in runs):
-        raise ConfigError(f"rows_budget={cfg.rows_budget} is the budget of the offline methods (algo dpo, hypo, sft, reward_model) "
+        raise ConfigError(f"rows_budget={cfg.rows_budget} is the budget of the offline methods (algo {', '.join(OFFLINE_ALGOS)}) "
                           "and no method here is one: it would be ignored; remove it")
     folders = {}
     for run in runs:  # two runs in one folder: the second would resume the first and replace its results

@@ -37,7 +37,7 @@ class TaskConfig:
         "multi-turn chitchat-warm with a simulated user; secret: multi-turn, find the user's secret animal "
         "by asking questions; guess-number: multi-turn, find the user's number from higher/lower answers (and hints, with task.hints); "
         "env: your own multi-turn Env (task.env); preferences: a file of (prompt, chosen, rejected) pairs (task.data; algo dpo, hypo, "
-        "reward_model); demonstrations: a file of chats or prompt/completion rows (task.data; algo sft)",
+        "reward_model, sft, alol); demonstrations: a file of chats or prompt/completion rows (task.data; algo sft, alol)",
     )
     data: str | None = field(None, "task=preferences/demonstrations: the training rows (.jsonl, .parquet, a saved datasets folder, or hf:NAME[:SPLIT])")
     eval_data: str | None = field(None, "task=preferences/demonstrations: held-out rows; null = split n_eval rows off task.data")

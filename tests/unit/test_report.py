@@ -121,3 +121,30 @@ def test_run_without_evals_skips_eval_plots(tmp_path):
 def test_rewriting_a_report_is_idempotent(run_dir):
     first = write_report(run_dir).read_text()
     assert write_report(run_dir).read_text() == first
+
+
+def test_evaluation_samples_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A run stopped while writing its samples keeps the previous file whole (later evaluations and
+    resumed runs compare with it), and leaves no temporary file behind."""
+    import sys
+
+    from rebelrl.eval.evaluate import save_sample_rows
+
+    evaluate_module = sys.modules["rebelrl.eval.evaluate"]
+
+    path = tmp_path / "eval_samples_latest.jsonl"
+    rows = [{"prompt": f"p{i}", "completion": "c", "score": float(i), "finished": True} for i in range(3)]
+    save_sample_rows(path, rows)
+    before = path.read_text()
+    calls = []
+
+    def dumps_then_die(obj):
+        calls.append(obj)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return json.dumps(obj)
+
+    monkeypatch.setattr(evaluate_module.json, "dumps", dumps_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_sample_rows(path, [{**r, "score": 9.0} for r in rows])
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == [path.name]

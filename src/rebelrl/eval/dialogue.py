@@ -137,16 +137,15 @@ def dialogue_metrics(rows: list[dict], params: SamplingParams, horizon: int, bas
 
 
 def save_dialogues(path: Path, dialogues: list[Conversation], scores: torch.Tensor) -> None:
-    with open(path, "w") as f:
-        for dialogue, row in zip(dialogues, scores.tolist()):
-            f.write(json.dumps({"messages": dialogue.to_chat(), "turn_scores": row, "score": row[-1]}) + "\n")
+    """Dialogues with their per-turn scores, written whole or not at all (as ``save_samples``)."""
+    save_dialogue_rows(path, [{"messages": d.to_chat(), "turn_scores": row, "score": row[-1]} for d, row in zip(dialogues, scores.tolist())])
 
 
 def save_dialogue_rows(path: Path, rows: list[dict]) -> None:
     """``save_dialogues`` from ``dialogue_rows`` records."""
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps({key: r[key] for key in ("messages", "turn_scores", "score")}) + "\n")
+    from rebelrl.train.checkpoint import write_atomic
+
+    write_atomic(path, "".join(json.dumps({key: r[key] for key in ("messages", "turn_scores", "score")}) + "\n" for r in rows))
 
 
 def load_turn_scores(path: Path) -> torch.Tensor:

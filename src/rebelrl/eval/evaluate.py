@@ -128,18 +128,18 @@ def kl_key(params: SamplingParams) -> str:
 
 
 def save_samples(path: Path, rollout: Rollout, scores: torch.Tensor) -> None:
-    """Completions with their scores, one JSON object per prompt, for a person to read."""
-    with open(path, "w") as f:
-        for conv, score, done in zip(rollout.conversations, scores.tolist(), rollout.finished.tolist()):
-            row = {"prompt": conv.messages[-2].content, "completion": conv.last_assistant, "score": score, "finished": done}
-            f.write(json.dumps(row) + "\n")
+    """Completions with their scores, one JSON object per prompt, for a person to read (written whole
+    or not at all: a later run compares with these, so a kill must not leave half of them)."""
+    rows = [{"prompt": conv.messages[-2].content, "completion": conv.last_assistant, "score": score, "finished": done}
+            for conv, score, done in zip(rollout.conversations, scores.tolist(), rollout.finished.tolist())]
+    save_sample_rows(path, rows)
 
 
 def save_sample_rows(path: Path, rows: list[dict]) -> None:
     """``save_samples`` from ``sample_rows`` records."""
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps({key: r[key] for key in ("prompt", "completion", "score", "finished")}) + "\n")
+    from rebelrl.train.checkpoint import write_atomic
+
+    write_atomic(path, "".join(json.dumps({key: r[key] for key in ("prompt", "completion", "score", "finished")}) + "\n" for r in rows))
 
 
 def load_sample_scores(path: Path) -> torch.Tensor:

@@ -478,12 +478,16 @@ def alol_advantages(run: Run, split: Split, name: str) -> torch.Tensor:
         out = run.ref(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), output_hidden_states=True,
                       use_cache=False, logits_to_keep=1)
         states.append(out.hidden_states[-1][:, -1].double())  # left-padded: the last column is the prompt's last token
-    X = torch.cat(states)
-    X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], dim=1)  # (P, H + 1) with a bias
-    ridge = run.cfg.alol.value_ridge * torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
-    ridge[-1, -1] = 0.0  # the bias is not penalised
-    w = torch.linalg.solve(X.T @ X + ridge, X.T @ values.to(X.device))
+    X = torch.cat(states).cpu()  # (P, H): a small least-squares problem, solved on the CPU (float64)
+    X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1)  # with a bias
+    H = X.shape[1] - 1
+    # Ridge as least squares on rows sqrt(ridge) * I appended (the bias unpenalised); the minimum-norm
+    # solution where the prompts are fewer than the hidden units and no ridge is asked for.
+    penalty = torch.cat([run.cfg.alol.value_ridge ** 0.5 * torch.eye(H, dtype=X.dtype), torch.zeros(H, 1, dtype=X.dtype)], dim=1)
+    target = torch.cat([values.cpu(), torch.zeros(H, dtype=X.dtype)])
+    w = torch.linalg.lstsq(torch.cat([X, penalty]), target[:, None], driver="gelsd").solution[:, 0]
     fitted = X @ w  # (P,) V_ref(x)
+    values = values.cpu()
     by_key = dict(zip(keys, fitted.tolist()))
     v = torch.tensor([by_key[prompt_key(p)] for p in prompts], dtype=torch.float32, device=device)
     advantages = rewards - v

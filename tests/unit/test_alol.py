@@ -171,7 +171,32 @@ def test_alol_resumes_to_the_uninterrupted_run_and_accumulates_exactly(tmp_path,
     (["algo=alol", "task.name=demonstrations", "task.data=x.jsonl", "reward.fn=vader", "alol.variant=kl"], "alol.variant=kl needs alol.kl_beta"),
     (["algo=alol", "task.name=demonstrations", "task.data=x.jsonl", "reward.fn=vader", "alol.kl_beta=0.1"], "alol.kl_beta=0.1 is read only"),
     (["algo=alol", "task.name=demonstrations", "task.data=x.jsonl", "reward.fn=vader", "alol.weight_min=2"], "alol.weight_min=2 must be <="),
+    (["algo=alol", "task.name=demonstrations", "task.data=x.jsonl", "reward.fn=vader", "alol.variant=ref_free", "alol.weight_max=3"],
+     "alol.variant=ref_free has none, so they would be ignored"),
+    (["algo=alol", "task.name=demonstrations", "task.data=x.jsonl", "reward.fn=vader", "alol.variant=ref_free", "alol.priority=false"],
+     "keep alol.priority=true"),
 ])
 def test_alol_settings_that_cannot_work_are_refused(tmp_path, capsys, override, message):
     assert main(["train", "model.name=tiny-random", *override, f"run_dir={tmp_path / 'r'}"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("last, message", [
+    ({"reward": "0.5"}, "scored.jsonl, line 12, field 'reward': '0.5' is not a finite number"),
+    ({"reward": float("nan")}, "scored.jsonl, line 12, field 'reward': nan is not a finite number"),
+    ({}, "scored.jsonl, line 12, field 'reward': missing, while other rows have one"),
+    ({"reward": True}, "scored.jsonl, line 12, field 'reward': True is not a finite number"),
+])
+def test_a_reward_column_is_a_number_on_every_row_or_on_none(tmp_path, monkeypatch, capsys, last, message):
+    """Checked before the run directory is claimed or any model loads, naming file, row and field."""
+    setup_task(tmp_path, monkeypatch)
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"prompt {i}", "completion": "hello there", **extra}) + "\n"
+                            for i, extra in enumerate([{"reward": 1.0}] * 11 + [last])))
+    from rebelrl import models
+
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    run_dir = tmp_path / "r"
+    assert main(["train", *COMMON, "algo=alol", "task.name=demonstrations", f"task.data={path}", "reward.fn=tiny_rules:lowercase_fraction",
+                 f"run_dir={run_dir}"]) == 2
+    assert message in capsys.readouterr().err and not run_dir.exists()

@@ -107,6 +107,8 @@ def test_every_mode_trains_through_the_cli_and_counts_the_guides_replies(tmp_pat
     (["guide.mode=rollin", "algo=astar_po"], "algo=astar_po cannot use one"),
     (["guide.mode=rollin", "reset.data=x.jsonl"], "use one of them"),
     (["guide.mode=rollin", "guide.model=GEMMA"], "has another tokenizer than model.name='tiny-random'"),
+    (["guide.mode=rollin", "guide.model=EMPTY"], "is a folder without a model's config.json"),
+    (["guide.mode=rollout", "rollout.max_new_tokens=1"], "leaves no k in 1..L-1"),
 ])
 def test_guide_settings_that_cannot_work_are_refused(tmp_path, monkeypatch, capsys, override, message):
     setup_task(tmp_path, monkeypatch)
@@ -115,10 +117,14 @@ def test_guide_settings_that_cannot_work_are_refused(tmp_path, monkeypatch, caps
 
     if any("GEMMA" in o for o in override):
         override = [o.replace("GEMMA", str(build_family("gemma", tmp_path / "gemma"))) for o in override]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("not a model")
+    override = [o.replace("EMPTY", str(tmp_path / "empty")) for o in override]
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
     _train(tmp_path, *override, exit_code=2)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_compare_counts_the_guides_replies_in_the_budget():
@@ -134,3 +140,16 @@ def test_compare_counts_the_guides_replies_in_the_budget():
     assert per_iteration("none") == 16
     assert per_iteration("rollin") == 16 + 8
     assert per_iteration("rollout") == per_iteration("lols") == per_iteration("d2lols", switch=3) == 16 + 16
+
+
+def test_rollout_keeps_the_policys_sampler_dropped_mass_on_its_own_tokens():
+    """With top-k the policy's sampler removes mass on the tokens it draws; the rewritten rollout keeps
+    that record on the policy's tokens and has none on the guide's."""
+    tokenizer, policy, guide_model = _models()
+    prompts = [Conversation.from_prompt(p) for p in ("say hello", "go on", "xyz")]
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, top_k=3)
+    guide = Guide(HFGenerator(guide_model, tokenizer, 4), PARAMS, "rollout", 1.0, None, 0)
+    torch.manual_seed(0)
+    rollout, _ = guided_rollout(guide, HFGenerator(policy, tokenizer, 4), prompts, 2, params, 1, _policy_logps(policy))
+    assert (rollout.dropped_mass[rollout.policy_mask.bool()] > 0).all()
+    assert (rollout.dropped_mass[rollout.forced.bool()] == 0).all()

@@ -313,6 +313,7 @@ def test_a_demonstration_longer_than_a_packed_sequence_is_refused_naming_its_row
     train(tmp_path, "sft", "iterations=1", "sft.packing=true", "sft.max_length=8", exit_code=2)
     err = capsys.readouterr().err
     assert "demos.jsonl, line 1" in err and "sft.max_length (a packed sequence) is 8" in err
+    assert not (tmp_path / "sft").exists()  # checked before the run directory is claimed
 
 
 @pytest.mark.parametrize("override, message", [

@@ -184,19 +184,24 @@ def test_resume_with_reset_or_a_guide_repeats_the_uninterrupted_run(tmp_path, mo
     (["algo=astar_po", "reset.data=DATA"], "algo=astar_po cannot use it: its V*(x) is estimated from the prompt alone"),
     (["reset.data=DATA", "reset.prob=0"], "reset.prob=0.0: expected in (0, 1]"),
     (["reset.data=OTHER"], "none of its 1 prompts is a training prompt"),
-    (["reset.data=DATA", "reset.field=completion"], "replies.jsonl, line 1, field 'completion': missing"),
+    (["reset.data=DATA", "reset.field=completion"], "reset.data (reset.field=completion): "),
+    (["reset.data=MISSING"], "reset.data (reset.field=chosen): "),
+    (["reset.data=ONE"], "every reply to a training prompt is shorter than 2 tokens"),
 ])
 def test_reset_settings_that_cannot_work_are_refused(tmp_path, monkeypatch, capsys, override, message):
     setup_task(tmp_path, monkeypatch)
-    data, other = write_pairs(tmp_path), tmp_path / "other.jsonl"
+    data, other, one = write_pairs(tmp_path), tmp_path / "other.jsonl", tmp_path / "one.jsonl"
     other.write_text(json.dumps({"prompt": "never asked", "chosen": "a", "rejected": "b"}) + "\n")
+    one.write_text("".join(json.dumps({"prompt": p, "chosen": "a", "rejected": "b"}) + "\n" for p in dict.fromkeys(PROMPTS)))
     from rebelrl import models
 
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
-    override = [o.replace("DATA", str(data)).replace("OTHER", str(other)) for o in override]
+    files = {"DATA": data, "OTHER": other, "ONE": one, "MISSING": tmp_path / "missing.jsonl"}
+    override = [next((o.replace(k, str(v)) for k, v in files.items() if o.endswith("=" + k)), o) for o in override]
     _train(tmp_path, *override, exit_code=2)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # the run directory is not claimed: the corrected command runs there
 
 
 def test_stop_tokens_are_never_forced(tmp_path):

@@ -460,9 +460,8 @@ def alol_advantages(run: Run, split: Split, name: str) -> torch.Tensor:
     t0 = time.perf_counter()
     device = run.processes.device
     rows = split.rows
-    given = [row.meta.get("reward") for row in rows]
-    if all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in given):
-        rewards = torch.tensor(given, dtype=torch.float32, device=device)
+    if rows and all("reward" in row.meta for row in rows):  # checked before the run began: a finite number on every row
+        rewards = torch.tensor([float(row.meta["reward"]) for row in rows], dtype=torch.float32, device=device)
     else:
         rewards = run.score_conversations(list(rows), torch.ones(len(rows), dtype=torch.bool, device=device))
     prompts = [before_last_reply(row) for row in rows]

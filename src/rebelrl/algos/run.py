@@ -59,7 +59,7 @@ from rebelrl.train.optim import make_optimizer, make_schedule
 from rebelrl.train.run_dir import RunDirError  # noqa: F401  (raised through here since the first version)
 from rebelrl.train.memory import free_at_once, release_free_memory
 from rebelrl.train.threads import pin_threads
-from rebelrl.types import PreferencePair, Rollout
+from rebelrl.types import Conversation, PreferencePair, Rollout
 
 INITIAL_SAMPLES = "eval_initial.jsonl"
 
@@ -122,6 +122,15 @@ class Run:
         reward_name, reward_fn = task_reward(task, cfg.reward) if needs_reward else (None, None)
         # Every process samples its own completions: its random streams start from seed + rank.
         seed_everything(cfg.seed + processes.rank)
+        # The data's rows, the reset states and the guide are checked before the run directory is claimed,
+        # so a corrected command runs where the failed one would have.
+        tokenizer = load_tokenizer(cfg.model.name, cfg.task.prompt_format)
+        reset = ResetStates.load(cfg, tokenizer, stop_token_ids(tokenizer), task.train) if cfg.reset.data is not None else None
+        _check_guide(cfg, tokenizer)
+        if task.train_data is not None:  # every row fits the model's context, checked before any model loads
+            check_data_lengths(task, tokenizer, model_context(cfg.model.name), cfg.sft.max_length if cfg.sft.packing else None)
+            if cfg.algo == "alol":
+                check_row_rewards(task)
 
         if processes.is_main:
             run_dirs.mark(run_dir)
@@ -133,11 +142,6 @@ class Run:
                 print(f"rebelrl: {processes.count} processes ({processes.accelerator.distributed_type}), each sampling "
                       f"{cfg.rollout.prompts_per_iter // processes.count} prompts an iteration with seed {cfg.seed} + its rank", file=sys.stderr)
 
-        tokenizer = load_tokenizer(cfg.model.name, cfg.task.prompt_format)
-        reset = ResetStates.load(cfg, tokenizer, stop_token_ids(tokenizer), task.train) if cfg.reset.data is not None else None
-        _check_guide_tokenizer(cfg, tokenizer)
-        if task.train_data is not None:  # every row fits the model's context, checked before any model loads
-            check_data_lengths(task, tokenizer, model_context(cfg.model.name), cfg.sft.max_length if cfg.sft.packing else None)
         policy, ref = (load_models or _load_models)(cfg, checkpoint)
         r = cfg.rollout
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
@@ -180,8 +184,8 @@ class Run:
                 run.say("rebelrl: top-p, top-k, repetition penalty or min_new_tokens make the sampler differ from pi_t, "
                         "the softmax the log-probs describe (sampler_dropped_mass in metrics.jsonl)")
         if reset is not None:
-            run.say(f"rebelrl: dataset reset: {reset.coverage(task.train)} of {len(task.train)} training prompts have a reply in "
-                    f"{cfg.reset.data} ({cfg.reset.field}); each is reset with probability {cfg.reset.prob:g}")
+            run.say(f"rebelrl: dataset reset: {reset.coverage(task.train, cfg.rollout.max_new_tokens)} of {len(task.train)} training prompts "
+                    f"have a reply of 2 tokens or more in {cfg.reset.data} ({cfg.reset.field}); each is reset with probability {cfg.reset.prob:g}")
         if checkpoint is not None:
             run._restore(checkpoint)
         return run
@@ -715,13 +719,40 @@ def _with_defaults(config: dict, defaults: dict) -> dict:
     return out
 
 
-def _check_guide_tokenizer(cfg: TrainConfig, tokenizer) -> None:
-    """A guide named by ``guide.model`` writes tokens the policy reads: the two share one tokenizer
-    (checked before any model loads)."""
-    if cfg.guide.mode != "none" and cfg.guide.model is not None:
-        if load_tokenizer(cfg.guide.model, cfg.task.prompt_format).get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(f"guide.model={cfg.guide.model!r} has another tokenizer than model.name={cfg.model.name!r}; a guide writes "
-                              "tokens the policy reads: give one of the same family")
+def _check_guide(cfg: TrainConfig, tokenizer) -> None:
+    """A guide named by ``guide.model`` is a causal LM whose tokenizer is the policy's (it writes tokens
+    the policy reads), checked before any model loads."""
+    g = cfg.guide
+    if g.mode == "none" or g.model is None:
+        return
+    folder = Path(g.model)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ConfigError(f"guide.model={g.model!r} is a folder without a model's config.json: give a causal LM's folder")
+    try:
+        theirs = load_tokenizer(g.model, cfg.task.prompt_format)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"guide.model={g.model!r}: its tokenizer cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"guide.model={g.model!r} has another tokenizer than model.name={cfg.model.name!r}; a guide writes "
+                          "tokens the policy reads: give one of the same family")
+
+
+def check_row_rewards(task: Task) -> None:
+    """A-LoL's ``reward`` column: on every demonstration row, a finite number, or on none (``reward.fn``
+    then scores them); preference rows have no such column (both replies are scored by ``reward.fn``)."""
+    rows, wheres = task.train_data + task.eval_data, task.train_rows + task.eval_rows
+    has = [isinstance(r, Conversation) and "reward" in r.meta for r in rows]
+    pair_with = next((w for r, w in zip(rows, wheres) if isinstance(r, PreferencePair) and "reward" in r.meta), None)
+    if pair_with is not None:
+        raise ConfigError(f"{pair_with}, field 'reward': A-LoL scores both replies of a pair with reward.fn, so this column would be "
+                          "ignored; remove it, or write each reply as a demonstration row with its own reward")
+    if not any(has):
+        return
+    for row, where, here in zip(rows, wheres, has):
+        value = row.meta.get("reward") if here else None
+        if not here or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            what = "missing, while other rows have one" if not here else f"{value!r} is not a finite number"
+            raise ConfigError(f"{where}, field 'reward': {what}; every row needs a number, or no row has the column (reward.fn scores them)")
 
 
 def _load_guide(cfg: TrainConfig, tokenizer, ref: torch.nn.Module | None, device) -> Guide | None:

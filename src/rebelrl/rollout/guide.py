@@ -84,7 +84,11 @@ def guided_rollout(guide: Guide, policy, prompts: list[Conversation], n: int, pa
     rows = [c for c in prompts for _ in range(n)]
     finished = guide.generator.generate(rows, 1, guide.params, prefixes=prefixes)
     mine = finished.forced  # the policy's tokens, which the guide was forced through
-    rollout = replace(finished, group_size=n, forced=finished.completion_mask * (1 - mine), dropped_mass=None)
+    dropped = None
+    if own.dropped_mass is not None:  # what the policy's sampler removed, on the tokens it drew (none on the guide's)
+        T = finished.completion_ids.shape[1]
+        dropped = torch.nn.functional.pad(own.dropped_mass, (0, max(0, T - own.dropped_mass.shape[1])))[:, :T] * mine
+    rollout = replace(finished, group_size=n, forced=finished.completion_mask * (1 - mine), dropped_mass=dropped)
     # log pi_t of every token is the policy's: where the guide wrote, its own record is the guide's.
     rollout.sample_logps = policy_logps(rollout) * rollout.completion_mask
     return rollout, {"guide/rollin": 0.0, "guide/frac": rewritten / max(len(prompts), 1), "guide/completions": float(rewritten * n),

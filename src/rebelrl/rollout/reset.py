@@ -46,17 +46,22 @@ class ResetStates:
     @classmethod
     def load(cls, cfg, tokenizer, stop_ids: list[int], prompts: list[Conversation]) -> ResetStates:
         """Read ``cfg.reset.data`` (``cfg.reset.field`` of each row), tokenize each reply after its
-        prompt, and check that some of ``prompts`` (the training prompts) have one."""
+        prompt (the first row of a prompt is its state), and check that some of ``prompts`` (the
+        training prompts) have a reply with a state to reset to: two tokens or more."""
         from rebelrl.data import load_demonstration_rows, load_preference_rows
         from rebelrl.envs.tasks import before_last_reply
+        from rebelrl.errors import UserError
 
         r = cfg.reset
-        if r.field == "completion":
-            rows, wheres = load_demonstration_rows(r.data, prompt_field=cfg.task.prompt_field, messages_field=cfg.task.messages_field)
-            pairs = [(before_last_reply(row), row.messages[-1].content, where) for row, where in zip(rows, wheres)]
-        else:
-            rows, wheres = load_preference_rows(r.data, prompt_field=cfg.task.prompt_field)
-            pairs = [(row.prompt, getattr(row, r.field), where) for row, where in zip(rows, wheres)]
+        try:
+            if r.field == "completion":
+                rows, wheres = load_demonstration_rows(r.data, prompt_field=cfg.task.prompt_field, messages_field=cfg.task.messages_field)
+                pairs = [(before_last_reply(row), row.messages[-1].content, where) for row, where in zip(rows, wheres)]
+            else:
+                rows, wheres = load_preference_rows(r.data, prompt_field=cfg.task.prompt_field)
+                pairs = [(row.prompt, getattr(row, r.field), where) for row, where in zip(rows, wheres)]
+        except UserError as e:
+            raise ConfigError(f"reset.data (reset.field={r.field}): {e}") from None
         replies: dict[tuple, list[int]] = {}
         stops = set(stop_ids)
         for prompt, reply, where in pairs:
@@ -66,11 +71,14 @@ class ResetStates:
                 raise ConfigError(f"reset.data: {where}: {e}") from None
             cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
             replies.setdefault(prompt_key(prompt), tokens[:cut])  # the first row of a prompt is its reset state
-        covered = sum(prompt_key(p) in replies for p in prompts)
-        if not covered:
-            raise ConfigError(f"reset.data={r.data}: none of its {len(replies)} prompts is a training prompt (prompts match on their "
-                              f"messages' roles and text, system message included); reset to the data the task trains on")
-        return cls(replies, r.prob)
+        states = cls(replies, r.prob)
+        if not states.coverage(prompts, cfg.rollout.max_new_tokens):
+            if not any(prompt_key(p) in replies for p in prompts):
+                raise ConfigError(f"reset.data={r.data}: none of its {len(replies)} prompts is a training prompt (prompts match on their "
+                                  f"messages' roles and text, system message included); reset to the data the task trains on")
+            raise ConfigError(f"reset.data={r.data}: every reply to a training prompt is shorter than 2 tokens, so no prefix of 1..L-1 "
+                              "tokens exists to reset to")
+        return states
 
     def prefixes(self, prompts: list[Conversation], max_new_tokens: int) -> list[list[int]]:
         """The forced tokens of each prompt's rollouts ([] where it is not reset). Two numbers a
@@ -84,5 +92,6 @@ class ResetStates:
             out.append(tokens[:k] if u < self.prob and k else [])
         return out
 
-    def coverage(self, prompts: list[Conversation]) -> int:
-        return sum(prompt_key(p) in self.replies for p in prompts)
+    def coverage(self, prompts: list[Conversation], max_new_tokens: int) -> int:
+        """How many of ``prompts`` can be reset: a reply of 2 tokens or more within the token budget."""
+        return sum(cut_point(0.0, min(len(self.replies.get(prompt_key(p), [])), max_new_tokens)) > 0 for p in prompts)

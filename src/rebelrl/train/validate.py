@@ -289,6 +289,9 @@ def _guide_relations(cfg) -> None:
         raise ConfigError(f"guide.mode=d2lols needs guide.switch, the iteration (>= 1) from which roll-in replaces roll-out; got {g.switch}")
     if g.mode == "lols" and g.switch is not None and not 0 <= g.switch <= 1:
         raise ConfigError(f"guide.switch={g.switch:g}: with guide.mode=lols it is the chance of roll-in each iteration, in [0, 1]")
+    if cfg.rollout.max_new_tokens < 2:
+        raise ConfigError(f"guide.mode={g.mode}: rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no k in 1..L-1 to cut a reply "
+                          "at, so the guide would write for nothing: raise it to 2 or more")
     if g.mode in ("rollin", "rollout") and g.switch is not None:
         raise ConfigError(f"guide.switch={g.switch:g} is read only by guide.mode=lols or d2lols: with {g.mode} it would be ignored")
 
@@ -328,6 +331,13 @@ def _offline_relations(cfg) -> None:
         raise ConfigError("alol.variant=kl needs alol.kl_beta (the weight of log pi/pi_ref; it has no usable default)")
     if cfg.alol.kl_beta is not None and (cfg.algo != "alol" or cfg.alol.variant != "kl"):
         raise ConfigError(f"alol.kl_beta={cfg.alol.kl_beta:g} is read only by algo=alol with alol.variant=kl: it would be ignored")
+    a, alol_default = cfg.alol, type(cfg.alol)()
+    if cfg.algo == "alol" and a.variant in ("ref_free", "kl") and (a.weight_min, a.weight_max) != (alol_default.weight_min, alol_default.weight_max):
+        raise ConfigError(f"alol.weight_min / weight_max clip the importance weight of variants alol and seq: alol.variant={a.variant} "
+                          "has none, so they would be ignored")
+    if cfg.algo == "alol" and a.variant == "ref_free" and not a.priority:
+        raise ConfigError("alol.variant=ref_free trains on A x NLL, which for A < 0 grows without bound; it relies on priority sampling "
+                          "to never draw those rows: keep alol.priority=true")
     if cfg.alol.weight_min > cfg.alol.weight_max:
         raise ConfigError(f"alol.weight_min={cfg.alol.weight_min:g} must be <= alol.weight_max={cfg.alol.weight_max:g}")
     if cfg.sft.packing and cfg.algo != "sft":

@@ -84,9 +84,15 @@ def looks_like_path(name: str) -> bool:
 
 
 def check_model_path(name: str) -> None:
-    """Refuse a path-like name that is not a folder, before the hub reports it as a bad repo id."""
-    if name not in (DEFAULT_MODEL, TINY_MODEL) and looks_like_path(name) and not Path(name).expanduser().is_dir():
+    """Refuse a path-like name that is not a folder, before the hub reports it as a bad repo id, and a
+    folder that holds no model (no ``config.json``, nor a LoRA adapter's ``adapter_config.json``)."""
+    if name in (DEFAULT_MODEL, TINY_MODEL):
+        return
+    folder = Path(name).expanduser()
+    if looks_like_path(name) and not folder.is_dir():
         raise ModelNotFoundError(f"model folder not found: {name}")
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise ModelNotFoundError(f"{name} is a folder without a model's config.json: give a model's folder")
 
 
 def resolve_model_path(name: str) -> str:

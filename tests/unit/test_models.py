@@ -62,3 +62,17 @@ def test_plain_text_prompts_start_with_bos_where_the_tokenizers_own_encoding_doe
         assert (expected[0] == 1) == bool(expected_first)
         ids, _ = encode_prompts(prepare_tokenizer(tokenizer, "plain"), [prompt])
         assert ids[0].tolist() == expected
+
+
+def test_a_folder_that_holds_no_model_is_refused_in_one_line(tmp_path, capsys):
+    """model.name (and ref_name, guide.model, ...) naming a folder without a model's config.json: one
+    line naming the key, before the run directory is claimed, not a tokenizer's traceback."""
+    from rebelrl.cli import main
+
+    folder = tmp_path / "notamodel"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("just notes")
+    assert main(["train", f"model.name={folder}", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.name: {folder} is a folder without a model's config.json" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -150,12 +150,19 @@ def test_each_variant_learns_the_good_rows(tmp_path, monkeypatch, variant):
 
 
 def test_alol_resumes_to_the_uninterrupted_run_and_accumulates_exactly(tmp_path, monkeypatch):
+    """A resumed run reads the advantages from its checkpoint (no second greedy pass of the reference)
+    and repeats the uninterrupted run; 8 rows as one micro-batch or eight give the same weights."""
     setup_task(tmp_path, monkeypatch)
+    calls = []
+    real = offline.alol_advantages
+    monkeypatch.setattr(offline, "alol_advantages", lambda *a: calls.append(a[2]) or real(*a))
     full = train(tmp_path, "iterations=4", name="full")
     with monkeypatch.context() as patch:
-        die_after_logging(patch, 2)
-        train(tmp_path, "iterations=4", name="killed", exit_code=130)
-    killed = train(tmp_path, "iterations=4", "--resume", name="killed")
+        die_after_logging(patch, 3)  # after the checkpoint of iteration 2
+        train(tmp_path, "iterations=4", "checkpoint.every=2", name="killed", exit_code=130)
+    assert calls == ["training", "held-out"] * 2
+    killed = train(tmp_path, "iterations=4", "checkpoint.every=2", "--resume", name="killed")
+    assert calls == ["training", "held-out"] * 2  # read from the checkpoint
     assert strip_timings(read_jsonl(full / "metrics.jsonl")) == strip_timings(read_jsonl(killed / "metrics.jsonl"))
     use_plain_sgd(monkeypatch)
     one = train(tmp_path, "iterations=2", *PLAIN_SGD_ARGS, "update.micro_batch_size=8", name="one")

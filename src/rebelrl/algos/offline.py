@@ -400,14 +400,20 @@ def reward_model_objective(cfg: TrainConfig) -> Objective:
 
 def alol_objective(cfg: TrainConfig) -> Objective:
     """A-LoL: each row's reply is one action with advantage A = R(x, y) - V_ref(x), computed once before
-    training; rows with A <= 0 are never trained on (A+ = 0, and priority sampling never draws them)."""
+    training (and kept in the checkpoints: a resumed run reads them); rows with A <= 0 are never
+    trained on (A+ = 0, and priority sampling never draws them)."""
     a = cfg.alol
     advantages: dict[int, torch.Tensor] = {}  # id(split) -> (N,) A of its rows
     training: dict[str, torch.Tensor] = {}  # "A": the training rows' advantages, which priority sampling draws by
 
     def prepare(run: Run, train: Split, held_out: Split) -> None:
         for split, name in ((train, "training"), (held_out, "held-out")):
-            advantages[id(split)] = alol_advantages(run, split, name)
+            key = f"alol/advantages/{name}"
+            if key in run.computed and len(run.computed[key]) == len(split):
+                run.say(f"rebelrl: A-LoL {name} advantages read from the checkpoint")
+            else:
+                run.computed[key] = alol_advantages(run, split, name)
+            advantages[id(split)] = run.computed[key]
         training["A"] = advantages[id(train)]
         if not (training["A"] > 0).any():
             raise ConfigError("algo=alol: no training row scores above V_ref, the reference's own greedy replies, so every advantage "

@@ -87,6 +87,9 @@ class Run:
     wrapped_policy: torch.nn.Module | None = None  # accelerate's wrapper of the policy (DDP, FSDP, DeepSpeed); None: not wrapped
     wrapped_critic: torch.nn.Module | None = None
     astar_values: dict[str, float] = field(default_factory=dict)  # A*-PO: V*(x) by prompt, estimated once
+    # What a method computes once before its first step (A-LoL's advantages), kept in checkpoints so that
+    # a resumed run reads it rather than computing it again.
+    computed: dict[str, torch.Tensor] = field(default_factory=dict)
     iteration: int = 0  # the iteration being trained (0 before the first)
     metrics_log: JsonlLogger = None
     eval_log: JsonlLogger = None
@@ -201,6 +204,7 @@ class Run:
         self.start_iteration = state["iteration"]
         self.recompute_old = state.get("recompute_old", self.recompute_old)
         self.astar_values = dict(state.get("astar_values", {}))
+        self.computed = {k: v.to(self.processes.device) for k, v in state.get("computed", {}).items()}
         if self.processes.is_main:
             self.metrics_log.rewind(self.start_iteration)
             self.eval_log.rewind(self.start_iteration)
@@ -492,7 +496,7 @@ class Run:
     def save(self, iteration: int) -> None:
         """The main process writes the checkpoint (atomically) while the others wait for it to be whole."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "recompute_old": self.recompute_old,
-                 "astar_values": self.astar_values}
+                 "astar_values": self.astar_values, "computed": {k: v.cpu() for k, v in self.computed.items()}}
         if self.processes.distributed:  # each process's random streams, so that each resumes its own
             state["rng_by_process"] = self.processes.gather([rng_state()])
             state["astar_values"] = {k: v for values in self.processes.gather([self.astar_values]) for k, v in values.items()}

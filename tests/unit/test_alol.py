@@ -64,7 +64,7 @@ def test_priority_sampling_draws_rows_in_proportion_to_the_positive_advantage(mo
     objective = offline.alol_objective(cfg)
     train, held = offline.Split([None] * 4, [()] * 4), offline.Split([None], [()])
     monkeypatch.setattr(offline, "alol_advantages", lambda run, split, name: torch.tensor([0.0, 1.0, 3.0, -1.0][: len(split)]))
-    objective.prepare(None, train, held)
+    objective.prepare(SimpleNamespace(computed={}, say=print), train, held)
     drawn = [i for it in range(1, 401) for i in objective.rows(None, it, 4, 10)]
     counts = [drawn.count(i) / len(drawn) for i in range(4)]
     assert counts[0] == 0 and counts[3] == 0 and abs(counts[1] - 0.25) < 0.03 and abs(counts[2] - 0.75) < 0.03

@@ -60,15 +60,17 @@ def test_the_weight_is_clipped_below_too():
 def test_priority_sampling_draws_rows_in_proportion_to_the_positive_advantage(monkeypatch):
     """A = [0, 1, 3, -1]: rows 1 and 2 drawn a quarter and three quarters of the time, rows 0 and 3
     never; the same iteration draws the same rows (a resumed run repeats them)."""
-    cfg = SimpleNamespace(alol=AlolConfig(), seed=0)
+    cfg = SimpleNamespace(alol=AlolConfig(), seed=0, update=SimpleNamespace(micro_batch_size=8))
     objective = offline.alol_objective(cfg)
     train, held = offline.Split([None] * 4, [()] * 4), offline.Split([None], [()])
     monkeypatch.setattr(offline, "alol_advantages", lambda run, split, name: torch.tensor([0.0, 1.0, 3.0, -1.0][: len(split)]))
-    objective.prepare(SimpleNamespace(computed={}, say=print), train, held)
-    drawn = [i for it in range(1, 401) for i in objective.rows(None, it, 4, 10)]
+    monkeypatch.setattr(offline, "reference_token_logps", lambda run, split, batch_size: None)
+    run = SimpleNamespace(computed={}, say=print)
+    objective.prepare(run, train, held)
+    drawn = [i for it in range(1, 401) for i in objective.rows(run, it, 4, 10)]
     counts = [drawn.count(i) / len(drawn) for i in range(4)]
     assert counts[0] == 0 and counts[3] == 0 and abs(counts[1] - 0.25) < 0.03 and abs(counts[2] - 0.75) < 0.03
-    assert objective.rows(None, 7, 4, 10) == objective.rows(None, 7, 4, 10)
+    assert objective.rows(run, 7, 4, 10) == objective.rows(run, 7, 4, 10)
 
 
 def write_scored(tmp_path, n=24):

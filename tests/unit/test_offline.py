@@ -175,7 +175,7 @@ def test_cached_reference_log_probs_train_as_recomputed_ones_would(tmp_path, mon
                 ref = offline.pair_logps(run.ref, split, rows, run.tokenizer.pad_token_id, device)
             return loss_of(logps, ref, offline._lengths(split, rows, device))
 
-        return offline.Objective(loss, objective.held_out)
+        return offline.Objective(loss, objective.held_out, prepare=objective.prepare)
 
     monkeypatch.setitem(offline.OBJECTIVES, "dpo", on_the_fly)
     fresh = train(tmp_path, "dpo", "iterations=3", *PLAIN_SGD_ARGS, name="fresh")

@@ -60,6 +60,8 @@ class Split:
     rows: list  # PreferencePair or Conversation, as read
     encoded: list[tuple[Encoded, ...]]
     ref_logps: torch.Tensor | None = None  # (N, 2) log pi_ref(y|x) of chosen and rejected, summed over the reply
+    ref_tokens: torch.Tensor | None = None  # A-LoL: (N, T) log pi_ref of each reply token, right-padded with 0
+    advantages: torch.Tensor | None = None  # A-LoL: (N,) A = R(x, y) - V_ref(x)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -297,7 +299,10 @@ def preference_objective(cfg: TrainConfig) -> Objective:
         value, _ = loss_of(logps, ref, lengths)
         return {"loss": value.item(), **preference_metrics(logps, ref, cfg.dpo.beta), "n_pairs": len(split)}
 
-    return Objective(loss, held_out)
+    def prepare(run: Run, train: Split, held_out: Split) -> None:
+        cached_reference_logps(run, {"train": train, "eval": held_out})
+
+    return Objective(loss, held_out, prepare=prepare)
 
 
 def sft_objective(cfg: TrainConfig) -> Objective:
@@ -401,10 +406,9 @@ def reward_model_objective(cfg: TrainConfig) -> Objective:
 def alol_objective(cfg: TrainConfig) -> Objective:
     """A-LoL: each row's reply is one action with advantage A = R(x, y) - V_ref(x), computed once before
     training (and kept in the checkpoints: a resumed run reads them); rows with A <= 0 are never
-    trained on (A+ = 0, and priority sampling never draws them)."""
+    trained on (A+ = 0, and priority sampling never draws them). The reference's token log-probs of
+    the rows are computed once too, before the first step."""
     a = cfg.alol
-    advantages: dict[int, torch.Tensor] = {}  # id(split) -> (N,) A of its rows
-    training: dict[str, torch.Tensor] = {}  # "A": the training rows' advantages, which priority sampling draws by
 
     def prepare(run: Run, train: Split, held_out: Split) -> None:
         for split, name in ((train, "training"), (held_out, "held-out")):
@@ -413,42 +417,49 @@ def alol_objective(cfg: TrainConfig) -> Objective:
                 run.say(f"rebelrl: A-LoL {name} advantages read from the checkpoint")
             else:
                 run.computed[key] = alol_advantages(run, split, name)
-            advantages[id(split)] = run.computed[key]
-        training["A"] = advantages[id(train)]
-        if not (training["A"] > 0).any():
+            split.advantages = run.computed[key]
+            split.ref_tokens = reference_token_logps(run, split, cfg.update.micro_batch_size)
+        if not (train.advantages > 0).any():
             raise ConfigError("algo=alol: no training row scores above V_ref, the reference's own greedy replies, so every advantage "
                               "is <= 0 and A-LoL has nothing to learn from: check the data and reward.fn")
 
-    def reference_logps(run: Run, sequences: list[Encoded]) -> torch.Tensor:
-        with torch.no_grad():
-            logps, _ = token_logps(run.ref, sequences, run.tokenizer.pad_token_id, run.processes.device)
-        return logps
+    def loss_of(model, run: Run, split: Split, rows: torch.Tensor):
+        logps, targets = token_logps(model, split.sequences(rows), run.tokenizer.pad_token_id, run.processes.device)
+        mine = rows.to(logps.device)
+        return alol_loss(logps, split.ref_tokens[mine, : logps.shape[1]], targets, split.advantages[mine], a.variant, a.kl_beta or 0.0,
+                         a.weight_min, a.weight_max), logps, targets
 
     def loss(run: Run, split: Split, rows: torch.Tensor):
-        sequences = split.sequences(rows)
-        logps, targets = token_logps(run.learner, sequences, run.tokenizer.pad_token_id, run.processes.device)
-        return alol_loss(logps, reference_logps(run, sequences), targets, advantages[id(split)][rows.to(logps.device)], a.variant,
-                         a.kl_beta or 0.0, a.weight_min, a.weight_max)
+        return loss_of(run.learner, run, split, rows)[0]
 
     @torch.no_grad()
     def held_out(run: Run, split: Split):
         nll, tokens, total = 0.0, 0, 0.0
         for rows in torch.arange(len(split)).split(cfg.update.micro_batch_size):
-            sequences = split.sequences(rows)
-            logps, targets = token_logps(run.policy, sequences, run.tokenizer.pad_token_id, run.processes.device)
-            value, _ = alol_loss(logps, reference_logps(run, sequences), targets, advantages[id(split)][rows.to(logps.device)], a.variant,
-                                 a.kl_beta or 0.0, a.weight_min, a.weight_max)
+            (value, _), logps, targets = loss_of(run.policy, run, split, rows)
             nll, tokens, total = nll - (logps * targets).sum().item(), tokens + int(targets.sum()), total + value.item() * len(rows)
         return {"loss": total / max(len(split), 1), "nll_per_token": nll / max(tokens, 1)}
 
     def rows(run: Run, iteration: int, n_rows: int, per_iteration: int) -> list[int]:
         """``per_iteration`` rows drawn with probability proportional to A+, with replacement, from a
         stream of the run's seed and the iteration alone (a resumed run draws the same rows)."""
-        weights = training["A"].clamp(min=0).double().cpu()
+        weights = run.computed["alol/advantages/training"].clamp(min=0).double().cpu()
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
         return torch.multinomial(weights, per_iteration, replacement=True, generator=generator).tolist()
 
     return Objective(loss, held_out, prepare=prepare, rows=rows if a.priority else None)
+
+
+@torch.no_grad()
+def reference_token_logps(run: Run, split: Split, batch_size: int) -> torch.Tensor:
+    """(N, T) log pi_ref of every reply token of the one-sequence rows of ``split``, right-padded with 0
+    (column t is reply token t, as ``token_logps`` lays a micro-batch out), rows of similar length together."""
+    device = run.processes.device
+    out = torch.zeros(len(split), max(len(e.completion) for enc in split.encoded for e in enc), device=device)
+    for rows in split.lengths.argsort(stable=True).split(batch_size):
+        logps, _ = token_logps(run.ref, split.sequences(rows), run.tokenizer.pad_token_id, device)
+        out[rows.to(device), : logps.shape[1]] = logps
+    return out
 
 
 @torch.no_grad()
@@ -471,9 +482,10 @@ def alol_advantages(run: Run, split: Split, name: str) -> torch.Tensor:
     else:
         rewards = run.score_conversations(list(rows), torch.ones(len(rows), dtype=torch.bool, device=device))
     prompts = [before_last_reply(row) for row in rows]
-    keys = list(dict.fromkeys(prompt_key(p) for p in prompts))
-    first = {key: i for i, key in reversed(list(enumerate(prompt_key(p) for p in prompts)))}
-    unique = [prompts[first[key]] for key in keys]
+    by_key: dict[tuple, Conversation] = {}
+    for p in prompts:  # each prompt once, in the order of its first row
+        by_key.setdefault(prompt_key(p), p)
+    keys, unique = list(by_key), list(by_key.values())
     greedy = SamplingParams(temperature=0.0, max_new_tokens=run.cfg.rollout.max_new_tokens)
     replies = HFGenerator(run.ref, run.tokenizer, run.cfg.rollout.batch_size).generate(unique, 1, greedy)
     values = run.score(replies).double()  # (P,) R of the reference's greedy reply to each prompt
@@ -493,8 +505,8 @@ def alol_advantages(run: Run, split: Split, name: str) -> torch.Tensor:
     w = torch.linalg.lstsq(torch.cat([X, penalty]), target[:, None], driver="gelsd").solution[:, 0]
     fitted = X @ w  # (P,) V_ref(x)
     values = values.cpu()
-    by_key = dict(zip(keys, fitted.tolist()))
-    v = torch.tensor([by_key[prompt_key(p)] for p in prompts], dtype=torch.float32, device=device)
+    value_of = dict(zip(keys, fitted.tolist()))
+    v = torch.tensor([value_of[prompt_key(p)] for p in prompts], dtype=torch.float32, device=device)
     advantages = rewards - v
     explained = 1 - ((fitted - values) ** 2).sum() / ((values - values.mean()) ** 2).sum().clamp(min=1e-12)
     run.say(f"rebelrl: A-LoL {name} rows: V_ref fitted to the reference's greedy replies to {len(unique)} prompts (R^2 {explained.item():.2f}, "
@@ -622,8 +634,6 @@ def prepare(run: Run, objective: Objective) -> tuple[Split, Split]:
         return Split(rows, [encode_row(run.tokenizer, row) for row in rows])
 
     train, held_out = split(task.train_data), split(task.eval_data)
-    if run.cfg.algo in ("dpo", "hypo"):
-        cached_reference_logps(run, {"train": train, "eval": held_out})
     if objective.prepare is not None:
         objective.prepare(run, train, held_out)
     return train, held_out
@@ -635,9 +645,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     run = Run.start(cfg, steps_per_iteration=cfg.update.epochs, load_models=_loader(cfg))
     train_rows, held_out_rows = prepare(run, objective)
     run.held_out = lambda r: objective.held_out(r, held_out_rows)
+    draw = objective.rows or (lambda r, *args: r.rows_for(*args))
     for iteration in run.progress():
         t0 = time.perf_counter()
-        draw = objective.rows or (lambda r, *args: r.rows_for(*args))
         rows = torch.tensor(draw(run, iteration, len(train_rows), cfg.update.minibatch_size))
         samples, metrics = None, {}
         if cfg.algo == "hypo":

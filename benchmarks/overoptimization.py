@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import _runs
+from _runs import ROOT, WALL, jsonl, mean_curve, mean_sd, rebelrl
+
 MODEL = "smollm2-135m-instruct"
 COMMON = [  # what every run shares: the model, sampling, evaluation
     f"model.name={MODEL}", "rollout.temperature=0.7", "rollout.max_new_tokens=32", "rollout.batch_size=32", "reward.no_eos_penalty=-1",
@@ -52,37 +51,15 @@ ONLINE = {  # 16 prompts an iteration; every optimizer step sees 16 completions 
     "RLOO": ["algo=rloo", "rollout.samples_per_prompt=4", "rloo.kl_coef=0.0", "update.epochs=1", "update.minibatch_size=16",
              "update.micro_batch_size=16"],
 }
-WALL = "testbed_wall_seconds.json"  # written next to each run's own files: its wall time, kept for later reports
-
-
-def rebelrl(*args: str, log: Path) -> float:
-    """Run ``rebelrl`` with ``args``, its output appended to ``log``; returns the wall time in seconds."""
-    t0 = time.perf_counter()
-    with open(log, "a") as out:
-        subprocess.run([sys.executable, "-m", "rebelrl.cli", *args], check=True, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    return time.perf_counter() - t0
 
 
 def train(run_dir: Path, args: list[str], log: Path) -> float | None:
-    """Train (or resume) the run unless it finished; returns its wall time over every launch, None if unknown."""
-    wall = run_dir / WALL
-    if not (run_dir / "report.md").exists():
-        before = json.loads(wall.read_text()) if wall.exists() else 0.0
-        seconds = rebelrl("train", *COMMON, *args, f"run_dir={run_dir}", *(["--resume"] if run_dir.exists() else []), log=log)
-        wall.write_text(json.dumps(before + seconds))
-    return json.loads(wall.read_text()) if wall.exists() else None
+    return _runs.train(run_dir, [*COMMON, *args], log)
 
 
 def curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
     """(KL to the reference, ``key``) at each evaluation."""
-    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["kl_to_ref"], r[key]) for r in rows]
-
-
-def mean_sd(values: list[float]) -> str:
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
-    return f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
+    return [(r["kl_to_ref"], r[key]) for r in jsonl(run_dir / "eval.jsonl")]
 
 
 def main() -> None:
@@ -158,7 +135,7 @@ def main() -> None:
 def report(out: Path, methods: list[str], args, n_pairs: int, walls: dict) -> None:
     from matplotlib.figure import Figure
 
-    proxy_eval = [json.loads(line) for line in (out / "proxy-rm" / "eval.jsonl").read_text().splitlines() if line.strip()]
+    proxy_eval = jsonl(out / "proxy-rm" / "eval.jsonl")
     lines = ["# Over-optimisation testbed", "",
              f"SmolLM2-135M-Instruct; {n_pairs} training pairs ({args.k} samples a prompt, best vs worst by VADER, Bradley-Terry labels "
              f"with beta {args.bt_beta}); seeds {args.seeds}; last command: `python benchmarks/overoptimization.py "
@@ -177,7 +154,7 @@ def report(out: Path, methods: list[str], args, n_pairs: int, walls: dict) -> No
         best = [max(c, key=lambda p: p[1]) for c in curves]
         lines.append(f"| {name} | {mean_sd([c[0][1] for c in curves])} | {mean_sd([b[1] for b in best])} | {mean_sd([c[-1][1] for c in curves])} "
                      f"| {mean_sd([b[0] for b in best])} | {mean_sd([c[-1][0] for c in curves])} |")
-        ax.plot(*zip(*_mean_curve(curves)), "o-", label=name)
+        ax.plot(*zip(*mean_curve(curves)), "o-", label=name)
     ax.set_xlabel("KL to the reference (nats a reply)")
     ax.set_ylabel("gold reward (VADER) on held-out prompts")
     ax.set_title("Gold reward against KL (mean over seeds)")
@@ -192,8 +169,8 @@ def report(out: Path, methods: list[str], args, n_pairs: int, walls: dict) -> No
             gold = [curve(out / f"{name}-seed{seed}", "gold_reward_mean") for seed in args.seeds]
             lines.append(f"| {name} | {mean_sd([c[0][1] for c in proxy])} | {mean_sd([c[-1][1] for c in proxy])} | {mean_sd([c[0][1] for c in gold])} "
                          f"| {mean_sd([c[-1][1] for c in gold])} | {mean_sd([c[-1][0] for c in gold])} |")
-            line, = ax2.plot(*zip(*_mean_curve(proxy)), "s--", label=f"{name}, proxy")
-            ax2.plot(*zip(*_mean_curve(gold)), "o-", color=line.get_color(), label=f"{name}, gold")
+            line, = ax2.plot(*zip(*mean_curve(proxy)), "s--", label=f"{name}, proxy")
+            ax2.plot(*zip(*mean_curve(gold)), "o-", color=line.get_color(), label=f"{name}, gold")
         ax2.set_xlabel("KL to the reference (nats a reply)")
         ax2.set_ylabel("reward on held-out prompts")
         ax2.set_title("Online methods: proxy (optimised) and gold reward")
@@ -205,11 +182,6 @@ def report(out: Path, methods: list[str], args, n_pairs: int, walls: dict) -> No
     (out / "overoptimization.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-
-def _mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
-    """Point-wise mean over seeds of (KL, reward) curves, cut to the shortest."""
-    n = min(len(c) for c in curves)
-    return [(sum(c[i][0] for c in curves) / len(curves), sum(c[i][1] for c in curves) / len(curves)) for i in range(n)]
 
 
 if __name__ == "__main__":

@@ -151,3 +151,8 @@ class PreferencePair:
     margin: float | None = None  # r(x, y_w) - r(x, y_l) from a reward model, where the data gives one; finite
     # The row's other columns (chosen_score, rejected_score, an id, ...): not shown to the model.
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def context(self) -> Conversation:
+        """The prompt with the row's other columns in its meta, where a reward reads them (a reasoning-gym entry)."""
+        return replace(self.prompt, meta={**self.prompt.meta, **self.meta})

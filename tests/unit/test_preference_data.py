@@ -399,3 +399,17 @@ def test_pairs_command_with_bradley_terry_labels(tmp_path, monkeypatch):
 def test_pairs_config_errors(args, expected, capsys):
     assert main(["pairs", "model=tiny-random", *args]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_a_pairs_other_columns_reach_the_reward_with_its_prompt(tmp_path):
+    """A reward reads a row's extra columns (a reasoning-gym entry) from the prompt it judges: the held-out
+    prompts a pair-trained run samples, and the replies A-LoL scores, carry the pair's columns."""
+    from rebelrl.envs.tasks import build_task
+    from rebelrl.train.config import TaskConfig
+
+    rows = [{"prompt": f"{i} + 1 =", "chosen": str(i + 1), "rejected": str(i), "entry": {"answer": str(i + 1)}} for i in range(6)]
+    data = _jsonl(tmp_path, rows)
+    task = build_task(TaskConfig(name="preferences", data=str(data), n_eval=2))
+    assert [c.meta["entry"]["answer"] for c in task.train + task.eval] == [p.meta["entry"]["answer"] for p in task.train_data + task.eval_data]
+    pair = task.train_data[0]
+    assert pair.context.with_reply(pair.rejected).meta == {"entry": pair.meta["entry"]} and pair.prompt.meta == {}

@@ -627,9 +627,9 @@ def prepare(run: Run, objective: Objective) -> tuple[Split, Split]:
 
     def split(rows: list) -> Split:
         if run.cfg.algo == "sft":  # SFT on preference pairs learns their chosen replies
-            rows = [row.prompt.with_reply(row.chosen) if isinstance(row, PreferencePair) else row for row in rows]
+            rows = [row.context.with_reply(row.chosen) if isinstance(row, PreferencePair) else row for row in rows]
         if run.cfg.algo == "alol":  # A-LoL on preference pairs: each reply is a row, scored on its own
-            rows = [c for row in rows for c in ((row.prompt.with_reply(row.chosen), row.prompt.with_reply(row.rejected))
+            rows = [c for row in rows for c in ((row.context.with_reply(row.chosen), row.context.with_reply(row.rejected))
                                                  if isinstance(row, PreferencePair) else (row,))]
         return Split(rows, [encode_row(run.tokenizer, row) for row in rows])
 

@@ -120,8 +120,8 @@ def _data_task(cfg) -> Task:
         train, held_out = _split(rows, cfg.n_eval, f"task.data={cfg.data}")
     train = train[: cfg.n_train]
 
-    def prompt(row):
-        return row.prompt if cfg.name == "preferences" else before_last_reply(row)
+    def prompt(row):  # a pair's other columns (a reasoning-gym entry, say) travel with its prompt to the reward
+        return row.context if cfg.name == "preferences" else before_last_reply(row)
 
     return Task(
         Path(cfg.data).stem if not cfg.data.startswith("hf:") else cfg.data, [prompt(r) for _, r in train], [prompt(r) for _, r in held_out], None,

@@ -10,7 +10,7 @@ One command builds it all from a fresh checkout, in ``--out`` (default ``runs/da
 2. ``reset``: PPO and REBEL with and without ``reset.data`` (the reference replies), reward on the
    held-out prompts against the tokens the policy generated.
 3. ``guide``: SFT on the reference replies (``rebelrl train algo=sft``) makes a guide better than the
-   initial policy; PPO with it rolling in (PPO++), rolling out (AggreVaTeD) and LOLS, against PPO
+   initial policy; PPO with it rolling in (PPO++) and rolling out (AggreVaTeD), against PPO
    alone, reward against completions (the guide's count).
 4. ``alol``: A-LoL, SFT on every row and DPO on the pairs of the noisy set, reward against steps.
 
@@ -40,11 +40,11 @@ from _runs import ROOT, jsonl, mean_curve, mean_sd, train
 sys.path.insert(0, str(ROOT / "src"))
 
 INSTRUCTION = "Give only the final answer inside <answer></answer> tags."
-ONLINE = [  # what every online run shares: 16 prompts an iteration, two replies each, 8 an optimizer step
+ONLINE = [  # what every online run shares: 16 prompts an iteration, two replies each, 8 an optimizer step, one pass
     "rollout.prompts_per_iter=16", "rollout.samples_per_prompt=2", "rollout.temperature=0.7", "rollout.max_new_tokens=16",
-    "rollout.batch_size=32", "update.minibatch_size=8", "update.micro_batch_size=8",
+    "rollout.batch_size=32", "update.epochs=1", "update.minibatch_size=8", "update.micro_batch_size=8",
 ]
-PPO = ["algo=ppo", "ppo.kl_coef=0.02", "update.epochs=2"]
+PPO = ["algo=ppo", "ppo.kl_coef=0.02"]
 REBEL = ["algo=rebel", "rebel.eta=3.0", "rebel.kl_coef=0.02"]
 CLAIMS = ("reset", "guide", "alol")
 
@@ -102,8 +102,7 @@ def runs_of(args, files: dict[str, Path], guide_model: Path | None) -> dict[str,
         "reset": {"PPO": [*online, *PPO], "PPO + reset": [*online, *PPO, *reset],
                   "REBEL": [*online, *REBEL], "REBEL + reset": [*online, *REBEL, *reset]},
         "guide": {"PPO": [*online, *PPO], "PPO++ (roll-in)": [*online, *PPO, *guide, "guide.mode=rollin"],
-                  "AggreVaTeD (roll-out)": [*online, *PPO, *guide, "guide.mode=rollout"],
-                  "LOLS": [*online, *PPO, *guide, "guide.mode=lols"]},
+                  "AggreVaTeD (roll-out)": [*online, *PPO, *guide, "guide.mode=rollout"]},
         "alol": {"A-LoL": [*demos, *offline, "algo=alol", "update.minibatch_size=8", "update.micro_batch_size=8"],
                  "SFT (all rows)": [*demos, *offline, "algo=sft", "update.minibatch_size=8", "update.micro_batch_size=8"],
                  "DPO": [*pairs, *offline, "algo=dpo", "dpo.beta=0.1", "update.minibatch_size=4", "update.micro_batch_size=4"]},

@@ -260,6 +260,24 @@ class CheckpointConfig:
     keep_last: int = field(2, "checkpoints kept (older ones are deleted after a newer one is complete); 0 keeps all")
 
 
+@dataclass
+class LogConfig:
+    report_to: list[str] = field(
+        [], "experiment trackers fed every row of metrics.jsonl and eval.jsonl, a held-out sample table and histograms at each evaluation: "
+        "any of trackio, tensorboard, wandb, mlflow (each an optional extra: pip install 'rebelrl[trackio]')"
+    )
+    project: str = field("rebelrl", "the trackers' project (trackio and W&B project, MLflow experiment)")
+    name: str | None = field(None, "the tracked run's name; null = the run directory's name")
+    group: str | None = field(None, "the group of tracked runs this one belongs to (compare sets it to the comparison and task)")
+    sample_rows: int = field(32, "held-out prompts in the sample table sent to the trackers (the Parquet table in samples/ has all)")
+
+
+@dataclass
+class ExportConfig:
+    at_end: bool = field(True, "when the run ends, write the policy as a plain Hugging Face folder with a model card in run_dir/model")
+    adapter_only: bool = field(False, "with LoRA: export the adapter alone (on its base model) instead of merging it into the weights")
+
+
 # Passes over an iteration's samples where update.epochs is not set: A*-PO's authors (and TRL) make one;
 # an offline method's iteration is one step on its minibatch.
 DEFAULT_EPOCHS = {"astar_po": 1, "dpo": 1, "hypo": 1, "sft": 1, "reward_model": 1, "alol": 1}
@@ -309,6 +327,8 @@ class TrainConfig:
     optim: OptimConfig = field(OptimConfig())
     eval: EvalConfig = field(EvalConfig())
     checkpoint: CheckpointConfig = field(CheckpointConfig())
+    log: LogConfig = field(LogConfig())
+    export: ExportConfig = field(ExportConfig())
 
     def __post_init__(self) -> None:
         if self.update.epochs is None:

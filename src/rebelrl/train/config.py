@@ -29,14 +29,14 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["chitchat-warm", "reasoning-gym", "prompts", "chitchat-dialogue", "secret", "guess-number", "env", "preferences",
-                  "demonstrations"] = field(
+    name: Literal["chitchat-warm", "reasoning-gym", "prompts", "chitchat-dialogue", "secret", "guess-number", "env", "openenv",
+                  "preferences", "demonstrations"] = field(
         "chitchat-warm",
         "chitchat-warm: reply warmly to opening lines of real chats (VADER reward); reasoning-gym: a "
         "reasoning-gym dataset with its answer checker; prompts: your own prompt file; chitchat-dialogue: "
         "multi-turn chitchat-warm with a simulated user; secret: multi-turn, find the user's secret animal "
         "by asking questions; guess-number: multi-turn, find the user's number from higher/lower answers (and hints, with task.hints); "
-        "env: your own multi-turn Env (task.env); preferences: a file of (prompt, chosen, rejected) pairs (task.data; algo dpo, hypo, "
+        "env: your own multi-turn Env (task.env); openenv: an OpenEnv environment (task.env: its class or its URL); preferences: a file of (prompt, chosen, rejected) pairs (task.data; algo dpo, hypo, "
         "reward_model, sft, alol); demonstrations: a file of chats or prompt/completion rows (task.data; algo sft, alol)",
     )
     data: str | None = field(None, "task=preferences/demonstrations: the training rows (.jsonl, .parquet, a saved datasets folder, or hf:NAME[:SPLIT])")
@@ -60,8 +60,12 @@ class TaskConfig:
     user: str | None = field(None, "task=chitchat-dialogue: your own UserSimulator (module:attr); null = an LM plays the user")
     user_kwargs: dict = field({}, "keyword arguments for task.user (a factory or class)")
     user_model: str = field(DEFAULT_MODEL, "task=chitchat-dialogue: the model that plays the user when task.user is null")
-    env: str | None = field(None, "task=env: import path module:attr of an Env, or of a factory when env_kwargs is set")
-    env_kwargs: dict = field({}, "keyword arguments for task.env (the horizon is passed as `horizon`)")
+    env: str | None = field(None, "task=env: import path module:attr of an Env, or of a factory when env_kwargs is set; task=openenv: "
+                            "an OpenEnv Environment class (module:Class) run in this process, or the URL of one served (http://127.0.0.1:8000)")
+    env_kwargs: dict = field({}, "keyword arguments for task.env (task=env: the horizon is passed as `horizon`)")
+    action_field: str = field("message", "task=openenv: the field of the environment's action that holds the reply's text")
+    observation_field: str | None = field(None, "task=openenv: the observation's field that holds the next user message; null = its only text field")
+    action_class: str | None = field(None, "task=openenv: the action class (module:Class); null = the one the environment class declares")
     prompt_format: Literal["auto", "chat", "plain"] = field(
         "auto", "chat: render with the model's chat template; plain: the messages' texts in order, each reply ended by EOS "
         "(for base models); auto: chat if the tokenizer has a template, else plain"

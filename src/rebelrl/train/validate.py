@@ -224,7 +224,7 @@ def _train_relations(cfg) -> None:
     _export_relations(cfg)
     _reset_relations(cfg)
     _guide_relations(cfg)
-    multi_turn = cfg.task.name in ("chitchat-dialogue", "secret", "guess-number", "env")
+    multi_turn = cfg.task.name in ("chitchat-dialogue", "secret", "guess-number", "env", "openenv")
     if (cfg.algo == "refuel") != multi_turn and cfg.task.name not in DATA_TASKS:
         raise ConfigError(
             f"algo={cfg.algo} with task.name={cfg.task.name}: algo=refuel trains on multi-turn tasks "
@@ -381,7 +381,7 @@ def _train_settings_that_would_be_ignored(cfg) -> None:
 # Task settings and the tasks that read them; set for any other task they would be ignored.
 _TASK_FIELDS = {
     "prompts": ("prompts",), "eval_prompts": ("prompts",),
-    "env": ("env",), "env_kwargs": ("env",),
+    "env": ("env", "openenv"), "env_kwargs": ("env", "openenv"), "observation_field": ("openenv",), "action_class": ("openenv",),
     "user": ("chitchat-dialogue",), "user_kwargs": ("chitchat-dialogue",),
     "dataset_kwargs": ("reasoning-gym",), "instruction": ("reasoning-gym",),
     "items": ("secret",),
@@ -390,6 +390,11 @@ _TASK_FIELDS = {
 
 
 def _task_relations(task) -> None:
+    if task.name != "openenv" and task.action_field != "message":
+        raise ConfigError(f"task.action_field={task.action_field!r} is read only with task.name=openenv; with task.name={task.name} "
+                          "it would be ignored: remove it, or set task.name")
+    if task.name == "openenv" and not task.env:
+        raise ConfigError("task.name=openenv needs task.env: the environment's class (module:Class) or the URL it is served at")
     for key, readers in _TASK_FIELDS.items():
         value = getattr(task, key)
         if value not in (None, {}, []) and task.name not in readers:

@@ -144,7 +144,7 @@ def model_card(cfg, iteration: int, evals: list[dict], adapter_only: bool, gener
     task = cfg.task
     source = {"reasoning-gym": f"reasoning-gym `{task.dataset}` {task.dataset_kwargs or ''}", "prompts": f"prompts from `{task.prompts}`",
               "preferences": f"preference pairs from `{task.data}`", "demonstrations": f"demonstrations from `{task.data}`",
-              "env": f"the environment `{task.env}`"}.get(task.name, f"the built-in task `{task.name}`")
+              "env": f"the environment `{task.env}`", "openenv": f"the OpenEnv environment `{task.env}`"}.get(task.name, f"the built-in task `{task.name}`")
     lines = [f"# {cfg.algo.upper()} on {task.name}, from {cfg.model.name}", "",
              f"Trained with [rebelrl](https://pypi.org/project/rebelrl/) {rebelrl.__version__}: `algo={cfg.algo}` "
              f"({PAPERS.get(cfg.algo, cfg.algo)}), {iteration} of {cfg.iterations} iterations, seed {cfg.seed}.", "",

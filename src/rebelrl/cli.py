@@ -49,18 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the folder to this Hub model repository")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     ns = parser.parse_args(argv)
-    if ns.command == "export":
-        return _export(ns)
-    cls = COMMANDS[ns.command]
-    if ns.fields:
+    cls = COMMANDS.get(ns.command)
+    if cls is not None and ns.fields:
         for key, tp, default, help_ in describe(cls):
             print(f"{key:32s} {tp:18s} {default:22s} {help_}")
         return 0
-    path = ns.args[0] if ns.args and "=" not in ns.args[0] else None
-    overrides = ns.args[1:] if path else ns.args
-    flags = [f"{key}=true" for key in ("resume", "allow_config_change") if getattr(ns, key, False)]
     cfg = None
     try:
+        if ns.command == "export":
+            return _export(ns)
+        path = ns.args[0] if ns.args and "=" not in ns.args[0] else None
+        overrides = ns.args[1:] if path else ns.args
+        flags = [f"{key}=true" for key in ("resume", "allow_config_change") if getattr(ns, key, False)]
         if ns.command == "train" and ns.num_processes < 1:
             raise ConfigError(f"--num_processes={ns.num_processes}: expected >= 1 (the number of local processes to train in)")
         cfg = load_config(cls, path, [*overrides, *flags])
@@ -268,20 +268,13 @@ def _pairs(cfg: PairsConfig) -> int:
 def _export(ns: argparse.Namespace) -> int:
     from rebelrl.export import export_model, push_to_hub
 
-    try:
-        if ns.private and not ns.push_to_hub:
-            raise ConfigError("--private is read only with --push-to-hub: it would be ignored")
-        _quiet_libraries()
-        folder = export_model(ns.run_dir, ns.iteration, ns.output, ns.adapter_only)
-        print(f"rebelrl export: {folder}")
-        if ns.push_to_hub:
-            print(f"rebelrl export: uploaded to {push_to_hub(folder, ns.push_to_hub, ns.private)}")
-    except ConfigError as e:
-        print(f"rebelrl export: config error: {e}", file=sys.stderr)
-        return 2
-    except UserError as e:
-        print(f"rebelrl export: {e}", file=sys.stderr)
-        return 2
+    if ns.private and not ns.push_to_hub:
+        raise ConfigError("--private is read only with --push-to-hub: it would be ignored")
+    _quiet_libraries()
+    folder = export_model(ns.run_dir, ns.iteration, ns.output, ns.adapter_only)
+    print(f"rebelrl export: {folder}")
+    if ns.push_to_hub:
+        print(f"rebelrl export: uploaded to {push_to_hub(folder, ns.push_to_hub, ns.private)}")
     return 0
 
 

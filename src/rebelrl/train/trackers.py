@@ -100,25 +100,33 @@ class Trackers:
             write_atomic(self.run_dir / STATE, json.dumps(self.state, indent=1) + "\n")
 
 
-class _Trackio:
-    def __init__(self, run_dir, project, name, group, config, state):
-        import trackio
+class _RunLogger:
+    """A tracker whose run object logs a dict at a step, tables and histograms included (trackio, W&B)."""
 
-        # resume="allow": the run of this name continues where it exists (a resumed run directory)
-        self.run = trackio.init(project=project, name=name, group=group, config=config, resume="allow")
-        self.trackio = trackio
+    run: Any
+    Table: Any
+    Histogram: Any
 
     def log(self, values, step):
         self.run.log(values, step=step)
 
     def table(self, key, columns, rows, step):
-        self.run.log({key: self.trackio.Table(columns=columns, data=rows)}, step=step)
+        self.run.log({key: self.Table(columns=columns, data=rows)}, step=step)
 
     def histogram(self, key, values, step):
-        self.run.log({key: self.trackio.Histogram(values)}, step=step)
+        self.run.log({key: self.Histogram(values)}, step=step)
 
     def close(self):
         self.run.finish()
+
+
+class _Trackio(_RunLogger):
+    def __init__(self, run_dir, project, name, group, config, state):
+        import trackio
+
+        # resume="allow": the run of this name continues where it exists (a resumed run directory)
+        self.run = trackio.init(project=project, name=name, group=group, config=config, resume="allow")
+        self.Table, self.Histogram = trackio.Table, trackio.Histogram
 
 
 class _TensorBoard:
@@ -150,7 +158,7 @@ class _TensorBoard:
         self.writer.close()
 
 
-class _Wandb:
+class _Wandb(_RunLogger):
     def __init__(self, run_dir, project, name, group, config, state):
         import wandb
 
@@ -159,21 +167,9 @@ class _Wandb:
             import string
 
             state["id"] = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        self.wandb = wandb
         self.run = wandb.init(project=project, name=name, group=group, config=config, id=state["id"], resume="allow", dir=str(run_dir),
                               settings=wandb.Settings(console="off", silent=True))
-
-    def log(self, values, step):
-        self.run.log(values, step=step)
-
-    def table(self, key, columns, rows, step):
-        self.run.log({key: self.wandb.Table(columns=columns, data=rows)}, step=step)
-
-    def histogram(self, key, values, step):
-        self.run.log({key: self.wandb.Histogram(values)}, step=step)
-
-    def close(self):
-        self.run.finish()
+        self.Table, self.Histogram = wandb.Table, wandb.Histogram
 
 
 class _Mlflow:

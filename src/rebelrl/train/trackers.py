@@ -124,8 +124,14 @@ class _Trackio(_RunLogger):
     def __init__(self, run_dir, project, name, group, config, state):
         import trackio
 
-        # resume="allow": the run of this name continues where it exists (a resumed run directory)
-        self.run = trackio.init(project=project, name=name, group=group, config=config, resume="allow")
+        if "name" not in state:  # a new run directory: a new tracked run, under a name no other run of the project has
+            from trackio.sqlite_storage import SQLiteStorage
+
+            taken = set(SQLiteStorage.get_runs(project))
+            state["name"] = name if name not in taken else next(f"{name}-{i}" for i in range(2, len(taken) + 3) if f"{name}-{i}" not in taken)
+        # a resumed run directory continues its own tracked run
+        self.run = trackio.init(project=project, name=state["name"], group=group, config=config, resume="must" if state.get("started") else "never")
+        state["started"] = True
         self.Table, self.Histogram = trackio.Table, trackio.Histogram
 
 

@@ -79,6 +79,21 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(per_seed: dict[str, list[dict]]) -> str:
+    """Each seed's win rate and reward at every turn, and their mean ± sd over seeds: the spread a new seed would show."""
+    horizon = len(next(iter(per_seed.values()))[0]["win"])
+    head = "| method | seeds | " + " | ".join(f"win rate h={h}" for h in range(1, horizon + 1)) + f" | reward at h={horizon} | KL to ref |"
+    lines = [head, "|---" * (horizon + 4) + "|"]
+    for name, results in per_seed.items():
+        def cell(values):
+            t = torch.tensor(values)
+            return f"{t.mean():.3f} ± {t.std(unbiased=True):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+        wins = [cell([r["win"][h][0] for r in results]) for h in range(horizon)]
+        lines.append(f"| {name} | {len(results)} | " + " | ".join(wins) + f" | {cell([r['reward'][-1][0] for r in results])} | "
+                     f"{cell([r['kl'] for r in results])} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -130,6 +145,9 @@ def main() -> None:
     games = next(iter(results.values()))["games"]
     print(f"\nFinal evaluation against the initial policy, {games} held-out games (x seeds), mean ± standard error:\n")
     print(table(results))
+    if len(args.seeds) > 1:
+        print("\nAcross seeds (each seed's mean over the games; mean ± sd over seeds):\n")
+        print(seed_table({name: [summarize([d]) for d in run_dirs] for name, run_dirs in runs.items()}))
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "per_turn.png")
     print(f"\nplot: {out / 'per_turn.png'}")

@@ -1,4 +1,4 @@
-"""``rebelrl train|eval|generate|compare|pairs CONFIG.yaml key.sub=value ...``
+"""``rebelrl train|eval|generate|compare|pairs CONFIG.yaml key.sub=value ...``, ``rebelrl export RUN_DIR``
 
 Each command reads one YAML file (optional for eval, generate and pairs) plus dotted overrides, prints the
 resolved config and refuses unknown keys, wrong types and meaningless values before any model is
@@ -41,17 +41,26 @@ def main(argv: list[str] | None = None) -> int:
                            help="train data-parallel in this many local processes (one per GPU; on the CPU, gloo)")
         if name == "compare":
             p.add_argument("--quick", action="store_true", help="one seed per method")
+    p = sub.add_parser("export", help="a run's policy as a plain Hugging Face folder with a model card (and to the Hub)")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("--iteration", type=int, default=None, help="the checkpoint of this iteration (default: the latest)")
+    p.add_argument("--output", default=None, help="the folder to write (default: RUN_DIR/model)")
+    p.add_argument("--adapter-only", action="store_true", help="a LoRA run: the adapter alone, not merged into the base weights")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the folder to this Hub model repository")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     ns = parser.parse_args(argv)
-    cls = COMMANDS[ns.command]
-    if ns.fields:
+    cls = COMMANDS.get(ns.command)
+    if cls is not None and ns.fields:
         for key, tp, default, help_ in describe(cls):
             print(f"{key:32s} {tp:18s} {default:22s} {help_}")
         return 0
-    path = ns.args[0] if ns.args and "=" not in ns.args[0] else None
-    overrides = ns.args[1:] if path else ns.args
-    flags = [f"{key}=true" for key in ("resume", "allow_config_change") if getattr(ns, key, False)]
     cfg = None
     try:
+        if ns.command == "export":
+            return _export(ns)
+        path = ns.args[0] if ns.args and "=" not in ns.args[0] else None
+        overrides = ns.args[1:] if path else ns.args
+        flags = [f"{key}=true" for key in ("resume", "allow_config_change") if getattr(ns, key, False)]
         if ns.command == "train" and ns.num_processes < 1:
             raise ConfigError(f"--num_processes={ns.num_processes}: expected >= 1 (the number of local processes to train in)")
         cfg = load_config(cls, path, [*overrides, *flags])
@@ -253,6 +262,19 @@ def _pairs(cfg: PairsConfig) -> int:
     print(to_yaml(cfg), file=sys.stderr)
     _check_hub_ids({"model": cfg.model})
     print(summary_line(make_pairs(cfg)))
+    return 0
+
+
+def _export(ns: argparse.Namespace) -> int:
+    from rebelrl.export import export_model, push_to_hub
+
+    if ns.private and not ns.push_to_hub:
+        raise ConfigError("--private is read only with --push-to-hub: it would be ignored")
+    _quiet_libraries()
+    folder = export_model(ns.run_dir, ns.iteration, ns.output, ns.adapter_only)
+    print(f"rebelrl export: {folder}")
+    if ns.push_to_hub:
+        print(f"rebelrl export: uploaded to {push_to_hub(folder, ns.push_to_hub, ns.private)}")
     return 0
 
 

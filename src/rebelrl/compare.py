@@ -108,6 +108,11 @@ def plan(cfg: CompareConfig, quick: bool = False) -> list[Plan]:
                 data = _with(cfg.base, task.get("overrides", {}), method.get("overrides", {}))
                 run_dir = Path(cfg.run_dir) / task["name"] / f"{method['name']}-seed{seed}"
                 data.update(seed=seed, run_dir=str(run_dir))
+                # A comparison keeps no weights unless asked (keep_checkpoints); its tracked runs are one group per task.
+                data.setdefault("export", {}).setdefault("at_end", cfg.keep_checkpoints)
+                if data.get("log", {}).get("report_to"):
+                    data["log"].setdefault("group", f"{Path(cfg.run_dir).name}/{task['name']}")
+                    data["log"].setdefault("name", f"{task['name']}/{method['name']}-seed{seed}")
                 if cfg.threads is not None:
                     data["threads"] = cfg.threads
                 try:

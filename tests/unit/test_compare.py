@@ -119,3 +119,18 @@ def test_offline_methods_beside_online_ones_at_equal_budgets(tmp_path, monkeypat
     assert {r["method"]: r["rows"] for r in ledger}["SFT"] == 16
     with pytest.raises(ConfigError, match="rows_budget=16 is the budget of the offline methods"):
         compare.plan(load_config(compare.CompareConfig, path, ["methods=[{name: R, overrides: {algo: rebel}}]"]))
+
+
+def test_each_run_is_one_tracked_run_grouped_by_comparison_and_task(tmp_path, monkeypatch):
+    """With a tracker in the base, every method and seed is its own tracked run, grouped by comparison and
+    task; the runs export no model unless the comparison keeps its checkpoints."""
+    pytest.importorskip("tensorboard")
+    path = _config(tmp_path, monkeypatch, base={"log": {"report_to": ["tensorboard"]}})
+    runs = compare.plan(load_config(compare.CompareConfig, path))
+    assert [(r.cfg.log.name, r.cfg.log.group) for r in runs] == [
+        (f"tiny/{m}-seed{s}", "cmp/tiny") for m in ("REBEL", "GRPO") for s in (0, 1)]
+    assert not any(r.cfg.export.at_end for r in runs)
+    kept = compare.plan(load_config(compare.CompareConfig, path, ["keep_checkpoints=true"]))
+    assert all(r.cfg.export.at_end for r in kept)
+    untracked = compare.plan(load_config(compare.CompareConfig, _config(tmp_path, monkeypatch)))
+    assert {(r.cfg.log.name, r.cfg.log.group) for r in untracked} == {(None, None)}

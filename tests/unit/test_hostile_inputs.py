@@ -146,7 +146,7 @@ def test_a_config_file_that_is_not_a_regular_file_or_text_that_is_not_text_is_re
     [
         (["model.lora_r=4", "model.lora_dropout=0.1"], "model.lora_dropout=0.1: dropout is off while training, because the policy "
          "that is regressed must be the one that sampled"),
-        (["task.env=tiny_rules:TinyDialogueEnv"], "task.env='tiny_rules:TinyDialogueEnv' is read only with task.name=env; with "
+        (["task.env=tiny_rules:TinyDialogueEnv"], "task.env='tiny_rules:TinyDialogueEnv' is read only with task.name=env or openenv; with "
          "task.name=prompts it would be ignored"),
         (["task.user=tiny_hostile:ExitingUser"], "task.user='tiny_hostile:ExitingUser' is read only with task.name=chitchat-dialogue"),
         (["algo=online_dpo", "online_dpo.r_max=2"], "online_dpo.r_max=2 clips chi-PO's margin only: with online_dpo.loss=dpo it would be ignored"),

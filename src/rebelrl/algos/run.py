@@ -59,6 +59,7 @@ from rebelrl.train.optim import make_optimizer, make_schedule
 from rebelrl.train.run_dir import RunDirError  # noqa: F401  (raised through here since the first version)
 from rebelrl.train.memory import free_at_once, release_free_memory
 from rebelrl.train.threads import pin_threads
+from rebelrl.train.trackers import SAMPLES_DIR, Trackers, sample_table, write_sample_table
 from rebelrl.types import Conversation, PreferencePair, Rollout
 
 INITIAL_SAMPLES = "eval_initial.jsonl"
@@ -101,6 +102,7 @@ class Run:
     gold_reward_fn: RewardFn | None = None  # eval.gold_fn: a second judge of the held-out samples
     reset: ResetStates | None = None  # reset.data: the replies rollouts are reset to (dataset reset)
     guide: Guide | None = None  # guide.mode: the model that writes part of each training reply
+    trackers: Trackers | None = None  # log.report_to, on the main process
     _bar: object = None
 
     # --- set-up --------------------------------------------------------------------------------
@@ -191,6 +193,8 @@ class Run:
                     f"have a reply of 2 tokens or more in {cfg.reset.data} ({cfg.reset.field}); each is reset with probability {cfg.reset.prob:g}")
         if checkpoint is not None:
             run._restore(checkpoint)
+        if cfg.log.report_to and processes.is_main:
+            run.trackers = Trackers(cfg.log.report_to, run_dir, cfg.log.project, cfg.log.name or run_dir.resolve().name, cfg.log.group, to_dict(cfg))
         return run
 
     def _restore(self, checkpoint: Path) -> None:
@@ -382,6 +386,8 @@ class Run:
         record = {"iteration": iteration, **metrics}
         if self.processes.is_main:
             self.metrics_log.log(record)
+            if self.trackers is not None:
+                self.trackers.log("train", record)
         if self._bar is not None:
             shown = {name: metrics[key] for name, key in _PROGRESS_KEYS if key in metrics}
             self._bar.set_postfix({name: f"{value:.3f}" for name, value in shown.items()}, refresh=False)
@@ -414,6 +420,7 @@ class Run:
         record = {**record, **(self.held_out(self) if self.held_out is not None else {}), "reused_from": str(source)}
         if self.processes.is_main:
             self.eval_log.log(record)
+            self._publish_eval(record)
         self.evals.append(record)
 
     def run_eval(self, iteration: int) -> dict:
@@ -427,6 +434,7 @@ class Run:
         record = {"iteration": iteration, **metrics, "time/eval": self.processes.max(time.perf_counter() - t0)}
         if self.processes.is_main:
             self.eval_log.log(record)
+            self._publish_eval(record)
         self.evals.append(record)
         shown = [f"{name} {metrics[key]:.3f}" for name, key in _EVAL_KEYS if key in metrics]
         self.note(f"eval @ {iteration}: {'  '.join(shown)}")
@@ -489,6 +497,21 @@ class Run:
         self._save_samples(save, "eval_samples_latest.jsonl")
         return metrics
 
+    def _publish_eval(self, record: dict) -> None:
+        """After an evaluation (main process): its sample table, initial and current reply side by side, as
+        Parquet in samples/ (where the run samples held-out replies), and the record and table to the trackers."""
+        iteration = record["iteration"]
+        latest = self.run_dir / "eval_samples_latest.jsonl"
+        table = None
+        if latest.exists() and (self.run_dir / INITIAL_SAMPLES).exists():
+            table = sample_table(read_jsonl(self.run_dir / INITIAL_SAMPLES), read_jsonl(latest))
+            write_sample_table(self.run_dir / SAMPLES_DIR / f"iter-{iteration:06d}.parquet", *table[:2], iteration)
+        if self.trackers is not None:
+            self.trackers.log("eval", record)
+            if table is not None and self.cfg.log.sample_rows:
+                columns, rows, histograms = table
+                self.trackers.samples(iteration, columns, rows[: self.cfg.log.sample_rows], histograms)
+
     def _save_samples(self, save, name: str) -> None:
         if self.processes.is_main:
             save(self.run_dir / name)
@@ -512,6 +535,12 @@ class Run:
         first, last = self.evals[0], self.evals[-1]
         if not self.processes.is_main:
             return _summary(first, last, self.cfg.iterations)
+        if self.trackers is not None:
+            self.trackers.close()
+        if self.cfg.export.at_end and self.cfg.algo != "reward_model":
+            from rebelrl.export import export_model
+
+            self.say(f"rebelrl: the trained policy, ready for transformers and vLLM: {export_model(self.run_dir, adapter_only=self.cfg.export.adapter_only)}")
         report = write_report(self.run_dir, title=f"{self.cfg.algo.upper()} on {self.task.name} ({self.cfg.model.name})")
         if self.task.env is not None:
             self._per_turn_report(report)

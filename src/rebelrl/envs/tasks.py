@@ -6,6 +6,7 @@ import importlib.util
 import json
 import random
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +24,9 @@ class Task:
     name: str
     train: list[Conversation]
     eval: list[Conversation]
-    reward: str | None  # default reward spec (built-in name or module:function); None: the user must name one
+    # default reward: a spec (built-in name or module:function), or the function itself (an OpenEnv environment's
+    # rewards); None: the user must name one
+    reward: str | Callable | None
     env: object | None = None  # multi-turn tasks: the Env whose user answers each assistant turn
     # Where each prompt came from ("data.jsonl, line 3"), when it came from a file: errors name it.
     train_rows: list[str] = field(default_factory=list)
@@ -45,6 +48,8 @@ def task_reward(task: Task, reward_cfg):
     from rebelrl.rewards import load_reward
     from rebelrl.rewards.registry import user_reward
 
+    if reward_cfg.fn is None and callable(task.reward):
+        return task.name, user_reward(task.reward, task.name)
     name = reward_cfg.fn or task.reward
     if name is None:
         raise ConfigError(f"reward.fn: task {task.name!r} has no default reward: set reward.fn (a built-in name or module:function)")
@@ -93,6 +98,15 @@ def build_task(cfg) -> Task:
         user = load_user_simulator(cfg.user, cfg.user_kwargs) if cfg.user else LMUser(cfg.user_model, seed=_SPLIT_SEED)
         env = CheckedEnv(UserEnv(train[: cfg.n_train], user, cfg.horizon), cfg.user or "chitchat-dialogue")
         return Task(cfg.name, train[: cfg.n_train], held_out, "vader", env)
+    if cfg.name == "openenv":
+        from rebelrl.envs.base import CheckedEnv
+        from rebelrl.envs.openenv import OpenEnvAdapter
+
+        adapter = OpenEnvAdapter(cfg.env, cfg.horizon, cfg.env_kwargs, cfg.action_field, cfg.observation_field, cfg.action_class)
+        env = CheckedEnv(adapter, f"openenv {cfg.env}")
+        # Different seeds for the two sets: held-out games are never trained on.
+        train, held_out = env.reset(cfg.n_train, seed=_SPLIT_SEED), env.reset(cfg.n_eval, seed=_SPLIT_SEED + 1)
+        return Task(f"openenv:{cfg.env}", train, held_out, adapter.reward, env)
     if cfg.name in ("secret", "guess-number", "env"):
         from rebelrl.envs.base import CheckedEnv
 

@@ -29,14 +29,14 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["chitchat-warm", "reasoning-gym", "prompts", "chitchat-dialogue", "secret", "guess-number", "env", "preferences",
-                  "demonstrations"] = field(
+    name: Literal["chitchat-warm", "reasoning-gym", "prompts", "chitchat-dialogue", "secret", "guess-number", "env", "openenv",
+                  "preferences", "demonstrations"] = field(
         "chitchat-warm",
         "chitchat-warm: reply warmly to opening lines of real chats (VADER reward); reasoning-gym: a "
         "reasoning-gym dataset with its answer checker; prompts: your own prompt file; chitchat-dialogue: "
         "multi-turn chitchat-warm with a simulated user; secret: multi-turn, find the user's secret animal "
         "by asking questions; guess-number: multi-turn, find the user's number from higher/lower answers (and hints, with task.hints); "
-        "env: your own multi-turn Env (task.env); preferences: a file of (prompt, chosen, rejected) pairs (task.data; algo dpo, hypo, "
+        "env: your own multi-turn Env (task.env); openenv: an OpenEnv environment (task.env: its class or its URL); preferences: a file of (prompt, chosen, rejected) pairs (task.data; algo dpo, hypo, "
         "reward_model, sft, alol); demonstrations: a file of chats or prompt/completion rows (task.data; algo sft, alol)",
     )
     data: str | None = field(None, "task=preferences/demonstrations: the training rows (.jsonl, .parquet, a saved datasets folder, or hf:NAME[:SPLIT])")
@@ -60,8 +60,12 @@ class TaskConfig:
     user: str | None = field(None, "task=chitchat-dialogue: your own UserSimulator (module:attr); null = an LM plays the user")
     user_kwargs: dict = field({}, "keyword arguments for task.user (a factory or class)")
     user_model: str = field(DEFAULT_MODEL, "task=chitchat-dialogue: the model that plays the user when task.user is null")
-    env: str | None = field(None, "task=env: import path module:attr of an Env, or of a factory when env_kwargs is set")
-    env_kwargs: dict = field({}, "keyword arguments for task.env (the horizon is passed as `horizon`)")
+    env: str | None = field(None, "task=env: import path module:attr of an Env, or of a factory when env_kwargs is set; task=openenv: "
+                            "an OpenEnv Environment class (module:Class) run in this process, or the URL of one served (http://127.0.0.1:8000)")
+    env_kwargs: dict = field({}, "keyword arguments for task.env (task=env: the horizon is passed as `horizon`)")
+    action_field: str = field("message", "task=openenv: the field of the environment's action that holds the reply's text")
+    observation_field: str | None = field(None, "task=openenv: the observation's field that holds the next user message; null = its only text field")
+    action_class: str | None = field(None, "task=openenv: the action class (module:Class); null = the one the environment class declares")
     prompt_format: Literal["auto", "chat", "plain"] = field(
         "auto", "chat: render with the model's chat template; plain: the messages' texts in order, each reply ended by EOS "
         "(for base models); auto: chat if the tokenizer has a template, else plain"
@@ -260,6 +264,24 @@ class CheckpointConfig:
     keep_last: int = field(2, "checkpoints kept (older ones are deleted after a newer one is complete); 0 keeps all")
 
 
+@dataclass
+class LogConfig:
+    report_to: list[str] = field(
+        [], "experiment trackers fed every row of metrics.jsonl and eval.jsonl, a held-out sample table and histograms at each evaluation: "
+        "any of trackio, tensorboard, wandb, mlflow (each an optional extra: pip install 'rebelrl[trackio]')"
+    )
+    project: str = field("rebelrl", "the trackers' project (trackio and W&B project, MLflow experiment)")
+    name: str | None = field(None, "the tracked run's name; null = the run directory's name")
+    group: str | None = field(None, "the group of tracked runs this one belongs to (compare sets it to the comparison and task)")
+    sample_rows: int = field(32, "held-out prompts in the sample table sent to the trackers (the Parquet table in samples/ has all)")
+
+
+@dataclass
+class ExportConfig:
+    at_end: bool = field(True, "when the run ends, write the policy as a plain Hugging Face folder with a model card in run_dir/model")
+    adapter_only: bool = field(False, "with LoRA: export the adapter alone (on its base model) instead of merging it into the weights")
+
+
 # Passes over an iteration's samples where update.epochs is not set: A*-PO's authors (and TRL) make one;
 # an offline method's iteration is one step on its minibatch.
 DEFAULT_EPOCHS = {"astar_po": 1, "dpo": 1, "hypo": 1, "sft": 1, "reward_model": 1, "alol": 1}
@@ -309,6 +331,8 @@ class TrainConfig:
     optim: OptimConfig = field(OptimConfig())
     eval: EvalConfig = field(EvalConfig())
     checkpoint: CheckpointConfig = field(CheckpointConfig())
+    log: LogConfig = field(LogConfig())
+    export: ExportConfig = field(ExportConfig())
 
     def __post_init__(self) -> None:
         if self.update.epochs is None:

@@ -137,6 +137,7 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
         "seed": SEED,
     },
     "CheckpointConfig": {"every": Range(0, why="0 saves only at the end"), "keep_last": Range(0, why="0 keeps every checkpoint")},
+    "LogConfig": {"sample_rows": Range(0, why="0 sends no sample table (the Parquet table is still written)")},
     "EvalCommandConfig": {**SAMPLER, "temperature": Range(0, why="0 is greedy"), "seed": SEED},
     "GenerateConfig": {**SAMPLER, "n": AT_LEAST_ONE, "temperature": Range(0, why="0 is greedy"), "seed": SEED},
     "CompareConfig": {"budget": AT_LEAST_ONE, "rows_budget": AT_LEAST_ONE, "threads": Range(1, why="null leaves each run's own default")},
@@ -196,6 +197,17 @@ def _outside(value: Any, rule: Range | Items | None) -> str | None:
 # --- relations between fields, one function per command -------------------------------------------
 
 
+def _export_relations(cfg) -> None:
+    from rebelrl.train.trackers import check_trackers
+
+    check_trackers(cfg.log.report_to)
+    if cfg.export.adapter_only and cfg.model.lora_r == 0:
+        raise ConfigError("export.adapter_only exports a LoRA adapter: with model.lora_r=0 there is none, so it would be ignored")
+    if cfg.export.adapter_only and not cfg.export.at_end:
+        raise ConfigError("export.adapter_only shapes the export at the end of the run: with export.at_end=false it would be ignored "
+                          "(rebelrl export RUN_DIR --adapter-only exports a finished run)")
+
+
 def _train_relations(cfg) -> None:
     from rebelrl.models import check_model_path
 
@@ -209,9 +221,10 @@ def _train_relations(cfg) -> None:
             f"update.minibatch_size={cfg.update.minibatch_size} must be a multiple of update.micro_batch_size={cfg.update.micro_batch_size}"
         )
     _offline_relations(cfg)
+    _export_relations(cfg)
     _reset_relations(cfg)
     _guide_relations(cfg)
-    multi_turn = cfg.task.name in ("chitchat-dialogue", "secret", "guess-number", "env")
+    multi_turn = cfg.task.name in ("chitchat-dialogue", "secret", "guess-number", "env", "openenv")
     if (cfg.algo == "refuel") != multi_turn and cfg.task.name not in DATA_TASKS:
         raise ConfigError(
             f"algo={cfg.algo} with task.name={cfg.task.name}: algo=refuel trains on multi-turn tasks "
@@ -368,7 +381,7 @@ def _train_settings_that_would_be_ignored(cfg) -> None:
 # Task settings and the tasks that read them; set for any other task they would be ignored.
 _TASK_FIELDS = {
     "prompts": ("prompts",), "eval_prompts": ("prompts",),
-    "env": ("env",), "env_kwargs": ("env",),
+    "env": ("env", "openenv"), "env_kwargs": ("env", "openenv"), "observation_field": ("openenv",), "action_class": ("openenv",),
     "user": ("chitchat-dialogue",), "user_kwargs": ("chitchat-dialogue",),
     "dataset_kwargs": ("reasoning-gym",), "instruction": ("reasoning-gym",),
     "items": ("secret",),
@@ -377,6 +390,11 @@ _TASK_FIELDS = {
 
 
 def _task_relations(task) -> None:
+    if task.name != "openenv" and task.action_field != "message":
+        raise ConfigError(f"task.action_field={task.action_field!r} is read only with task.name=openenv; with task.name={task.name} "
+                          "it would be ignored: remove it, or set task.name")
+    if task.name == "openenv" and not task.env:
+        raise ConfigError("task.name=openenv needs task.env: the environment's class (module:Class) or the URL it is served at")
     for key, readers in _TASK_FIELDS.items():
         value = getattr(task, key)
         if value not in (None, {}, []) and task.name not in readers:

@@ -173,7 +173,13 @@ def _train(cfg: TrainConfig) -> int:
 
     loops = {"rebel": rebel, "online_dpo": rebel, "refuel": refuel, "rloo": pg, "grpo": pg, "ppo": pg, "astar_po": pg,
              **{algo: offline for algo in OFFLINE_ALGOS}}
-    loops[cfg.algo].train(cfg)
+    try:
+        loops[cfg.algo].train(cfg)
+    finally:
+        if cfg.rollout.backend == "vllm":  # the engine never outlives its run, whether it ended, failed or was interrupted
+            from rebelrl.rollout.vllm_engine import stop_engines
+
+            stop_engines()
     return 0
 
 

@@ -42,12 +42,23 @@ from rebelrl.eval.dialogue import (
 from rebelrl.eval.evaluate import eval_metrics, eval_rows, save_sample_rows
 from rebelrl.fused import fuse_layers
 from rebelrl.logprobs import rollout_logprobs
-from rebelrl.models import AdapterDisabled, Critic, apply_lora, context_length, load_causal_lm, load_tokenizer, model_context, peft_quietly
+from rebelrl.models import (
+    AdapterDisabled,
+    Critic,
+    apply_lora,
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    model_context,
+    peft_quietly,
+    resolve_model_path,
+)
 from rebelrl.rewards import RewardFn, checked_reward
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.rollout.chat import ChatTemplateError, encode_prompt, stop_token_ids
 from rebelrl.rollout.guide import Guide, guided_rollout
 from rebelrl.rollout.reset import ResetStates
+from rebelrl.rollout.vllm_engine import VLLMGenerator, VLLMServer, find_vllm_python
 from rebelrl.rollout.dialogue import encode_demonstration, encode_reply
 from rebelrl.seeding import rng_state, seed_everything, set_rng_state
 from rebelrl.train import run_dir as run_dirs
@@ -75,7 +86,7 @@ class Run:
     tokenizer: object
     policy: torch.nn.Module
     ref: torch.nn.Module
-    generator: HFGenerator
+    generator: HFGenerator  # or VLLMGenerator (rollout.backend=vllm)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampling: SamplingParams
@@ -103,6 +114,8 @@ class Run:
     reset: ResetStates | None = None  # reset.data: the replies rollouts are reset to (dataset reset)
     guide: Guide | None = None  # guide.mode: the model that writes part of each training reply
     trackers: Trackers | None = None  # log.report_to, on the main process
+    # rollout.backend=vllm: how far the engine's log-probs of the last rollout were from the trainer's
+    engine_gap: dict[str, float] = field(default_factory=dict)
     _bar: object = None
 
     # --- set-up --------------------------------------------------------------------------------
@@ -132,6 +145,7 @@ class Run:
         tokenizer = load_tokenizer(cfg.model.name, cfg.task.prompt_format)
         reset = ResetStates.load(cfg, tokenizer, stop_token_ids(tokenizer), task.train) if cfg.reset.data is not None else None
         _check_guide(cfg, tokenizer)
+        vllm_python = find_vllm_python(cfg.rollout.vllm_python) if cfg.rollout.backend == "vllm" else None
         if task.train_data is not None:  # every row fits the model's context, checked before any model loads
             check_data_lengths(task, tokenizer, model_context(cfg.model.name), cfg.sft.max_length if cfg.sft.packing else None)
             if cfg.algo == "alol":
@@ -147,8 +161,12 @@ class Run:
                 print(f"rebelrl: {processes.count} processes ({processes.accelerator.distributed_type}), each sampling "
                       f"{cfg.rollout.prompts_per_iter // processes.count} prompts an iteration with seed {cfg.seed} + its rank", file=sys.stderr)
 
-        policy, ref = (load_models or _load_models)(cfg, checkpoint)
         r = cfg.rollout
+        # The engine starts (about 100 s on a CPU) while the models load; it serves the policy's own weights from the first sample on.
+        engine = VLLMServer.start(vllm_python, resolve_model_path(cfg.model.name), cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype,
+                                  cfg.seed, run_dir / "vllm.log", r.vllm_start_timeout, kv_cache_gb=r.vllm_memory or 2.0,
+                                  gpu_memory_utilization=r.vllm_memory or 0.3) if vllm_python is not None else None
+        policy, ref = (load_models or _load_models)(cfg, checkpoint)
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         budget_key = "eval.max_new_tokens" if eval_budget > r.max_new_tokens else "rollout.max_new_tokens"
         if ref is not None:
@@ -168,6 +186,8 @@ class Run:
         eval_temperature = cfg.eval.temperature if cfg.eval.temperature is not None else r.temperature
         eval_sampling = SamplingParams(eval_temperature, r.top_p, r.top_k, eval_budget, r.repetition_penalty, min(r.min_new_tokens, eval_budget))
         generator = HFGenerator(policy, tokenizer, r.batch_size) if ref is not None else None
+        if engine is not None:
+            generator = VLLMGenerator(engine, policy, tokenizer, r.batch_size)
         if processes.shards_weights and generator is not None:
             generator = GatheringGenerator(generator, lambda: processes.full_weights(wrapped))
         run = cls(
@@ -177,7 +197,7 @@ class Run:
             eval_reward_fn=checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i)) if reward_fn is not None else None,
             gold_reward_fn=_gold_reward(cfg, task),
             metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
-            recompute_old=_recompute_old(cfg, policy), critic=critic, processes=processes, reset=reset, guide=guide,
+            recompute_old=engine is not None or _recompute_old(cfg, policy), critic=critic, processes=processes, reset=reset, guide=guide,
             wrapped_policy=wrapped if wrapped is not policy else None,
             wrapped_critic=processes.prepare_module(critic) if critic is not None and processes.distributed else None,
         )
@@ -185,6 +205,9 @@ class Run:
             stops = ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in run.generator.stop_ids)
             source = "a forward pass after sampling" if run.recompute_old else "the sampler's record (checked every iteration)"
             run.say(f"rebelrl: replies end at token {stops}; log pi_t from {source}")
+            if engine is not None:
+                info = engine.wait()
+                run.say(f"rebelrl: sampling with vLLM ({info['dtype']}, log: {engine.log}); the policy's weights are loaded into it after every update")
             if not sampling.exact:
                 run.say("rebelrl: top-p, top-k, repetition penalty or min_new_tokens make the sampler differ from pi_t, "
                         "the softmax the log-probs describe (sampler_dropped_mass in metrics.jsonl)")
@@ -206,7 +229,7 @@ class Run:
         if rng is not None:
             set_rng_state(rng)
         self.start_iteration = state["iteration"]
-        self.recompute_old = state.get("recompute_old", self.recompute_old)
+        self.recompute_old = state.get("recompute_old", self.recompute_old) or self.cfg.rollout.backend == "vllm"
         self.astar_values = dict(state.get("astar_values", {}))
         self.computed = {k: v.to(self.processes.device) for k, v in state.get("computed", {}).items()}
         if self.processes.is_main:
@@ -299,7 +322,11 @@ class Run:
         """
         if self.recompute_old:
             with self.processes.full_weights(self.learner):
-                return rollout_logprobs(self.policy, rollout, self.sampling.logprob_temperature, self.cfg.update.micro_batch_size * 2), False
+                logps = rollout_logprobs(self.policy, rollout, self.sampling.logprob_temperature, self.cfg.update.micro_batch_size * 2)
+            if self.cfg.rollout.backend == "vllm":  # how off-policy the engine's samples are, a reply at a time
+                gap = ((rollout.sample_logps - logps) * rollout.policy_mask).sum(dim=1).abs()  # (N,)
+                self.engine_gap = {"vllm/logp_gap_mean": gap.mean().item(), "vllm/logp_gap_max": gap.max().item()}
+            return logps, False
         return rollout.sample_logps, True
 
     def stop_trusting_sampler(self, gap: float) -> None:
@@ -339,6 +366,8 @@ class Run:
         self.stop_if_non_finite("gradient norm", norm, "lower optim.lr, or check the reward's scale")
         self.optimizer.step()
         self.scheduler.step()
+        if self.generator is not None:
+            self.generator.mark_stale()  # an engine serving the policy loads the new weights before it samples again
         return norm
 
     def stop_if_non_finite(self, what: str, value: float, advice: str, before: str = "the optimizer step") -> None:
@@ -368,6 +397,8 @@ class Run:
             "lr": self.scheduler.get_last_lr()[0],
             "logp_mismatch_max": mismatch,
             "old_logps_recomputed": float(not old_from_sampler),
+            **self.engine_gap,
+            **({"time/vllm_sync": sum(self.generator.sync_seconds[-1:])} if self.cfg.rollout.backend == "vllm" else {}),
         }
 
     def end_iteration(self, iteration: int, metrics: dict, rollout=None) -> None:
@@ -718,8 +749,8 @@ def sample_metrics(rollout, scores: torch.Tensor) -> dict[str, float]:
         "score_std": scores.std().item() if len(scores) > 1 else 0.0,
         "response_length": rollout.completion_lengths.float().mean().item(),
         "frac_no_eos": (~rollout.finished).float().mean().item(),
-        # Probability mass of pi_t the sampler's truncation removed, per token: 0 when sampling is exact.
-        "sampler_dropped_mass": ((rollout.dropped_mass * mask).sum() / mask.sum().clamp(min=1)).item() if rollout.dropped_mass is not None else 0.0,
+        # Probability mass of pi_t the sampler's truncation removed, per token: 0 when sampling is exact (a vLLM engine does not say).
+        **({"sampler_dropped_mass": ((rollout.dropped_mass * mask).sum() / mask.sum().clamp(min=1)).item()} if rollout.dropped_mass is not None else {}),
         # Dataset reset: the share of replies started from the data, and the tokens forced a reply.
         **({"reset/frac": rollout.forced.any(dim=1).float().mean().item(), "reset/forced_tokens": rollout.forced.sum(dim=1).float().mean().item()}
            if rollout.forced is not None else {}),

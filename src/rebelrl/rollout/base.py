@@ -43,3 +43,7 @@ class Generator(Protocol):
     def generate(self, prompts: list[Conversation], n: int, params: SamplingParams) -> Rollout:
         """Sample ``n`` completions for each prompt; rows are prompt-major (``N = len(prompts) * n``)."""
         ...
+
+    def mark_stale(self) -> None:
+        """The policy's weights changed (an optimizer step): a backend holding a copy of them reloads it before it samples again."""
+        ...

@@ -221,6 +221,9 @@ class HFGenerator:
         self.batch_size = batch_size
         self.stop_ids = stop_token_ids(tokenizer, model)
 
+    def mark_stale(self) -> None:
+        """The policy changed: nothing to do, this generator samples from the live model."""
+
     @torch.no_grad()
     def generate(self, prompts: list[Conversation], n: int, params: SamplingParams, seeds: list[int] | None = None,
                  prefixes: list[list[int]] | None = None) -> Rollout:

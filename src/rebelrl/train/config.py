@@ -99,6 +99,16 @@ class RolloutConfig:
         "sampler's record in float32, recompute otherwise"
     )
     logprob_tolerance: float = field(1e-3, "largest accepted gap (nats a reply) between log pi_t and the training forward before the first step")
+    backend: Literal["hf", "vllm"] = field(
+        "hf", "what samples the training and held-out replies: hf (rebelrl's own decoding loop on the policy) or vllm (a vLLM engine "
+        "that rebelrl starts on loopback in the environment of scripts/setup_vllm.sh and loads the policy's weights into after every "
+        "update; log pi_t is then always recomputed by the trainer)")
+    vllm_python: str | None = field(None, "rollout.backend=vllm: the python of the environment vLLM is installed in; null = "
+                                          "$REBELRL_VLLM_PYTHON, else .venv-vllm/bin/python")
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field("auto", "rollout.backend=vllm: the engine's dtype; auto = model.dtype")
+    vllm_memory: float | None = field(None, "rollout.backend=vllm: the engine's KV cache, in GiB on a CPU (null = 2), or the share of "
+                                            "the GPU's memory it may take (null = 0.3: the trainer shares the GPU)")
+    vllm_start_timeout: float = field(900.0, "rollout.backend=vllm: seconds the engine may take to start (about 100 s on a 2-core CPU)")
 
 
 @dataclass

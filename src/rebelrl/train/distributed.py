@@ -283,6 +283,9 @@ def check_shares(cfg, processes: int, steps_in_backward: bool = False) -> None:
         return
     if cfg.eval.gold_fn is not None:
         raise ConfigError("eval.gold_fn judges the held-out samples in one process for now: launch without --num_processes")
+    if cfg.rollout.backend == "vllm":
+        raise ConfigError("rollout.backend=vllm serves one training process for now (each process would start an engine of its own): "
+                          "launch without --num_processes")
     from rebelrl.train.config import OFFLINE_ALGOS
 
     if cfg.algo in OFFLINE_ALGOS:

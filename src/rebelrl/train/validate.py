@@ -101,6 +101,8 @@ FIELD_RULES: dict[str, dict[str, Range | Items]] = {
         "temperature": Range(0, low_open=True, why="training samples; greedy decoding would make both completions of a pair the same"),
         "min_new_tokens": Range(0, why="0 disables"),
         "logprob_tolerance": POSITIVE,
+        "vllm_memory": POSITIVE,
+        "vllm_start_timeout": POSITIVE,
     },
     "UpdateConfig": {"epochs": AT_LEAST_ONE, "minibatch_size": AT_LEAST_ONE, "micro_batch_size": AT_LEAST_ONE},
     "RebelConfig": {
@@ -224,6 +226,7 @@ def _train_relations(cfg) -> None:
     _export_relations(cfg)
     _reset_relations(cfg)
     _guide_relations(cfg)
+    _backend_relations(cfg)
     multi_turn = cfg.task.name in ("chitchat-dialogue", "secret", "guess-number", "env", "openenv")
     if (cfg.algo == "refuel") != multi_turn and cfg.task.name not in DATA_TASKS:
         raise ConfigError(
@@ -307,6 +310,24 @@ def _guide_relations(cfg) -> None:
                           "at, so the guide would write for nothing: raise it to 2 or more")
     if g.mode in ("rollin", "rollout") and g.switch is not None:
         raise ConfigError(f"guide.switch={g.switch:g} is read only by guide.mode=lols or d2lols: with {g.mode} it would be ignored")
+
+
+def _backend_relations(cfg) -> None:
+    r, default = cfg.rollout, type(cfg.rollout)()
+    if r.backend == "hf":
+        changed = [f"rollout.{k}={getattr(r, k)}" for k in ("vllm_python", "vllm_dtype", "vllm_memory", "vllm_start_timeout")
+                   if getattr(r, k) != getattr(default, k)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} is read only with rollout.backend=vllm: it would be ignored")
+        return
+    from rebelrl.models import TINY_MODEL
+
+    if cfg.model.name == TINY_MODEL:
+        raise ConfigError(f"rollout.backend=vllm: model.name={TINY_MODEL} is built in this process, so there is no folder for the engine to "
+                          "load (and its head size of 16 is below the 32 vLLM's CPU attention takes): save a model and name its folder")
+    if any(cfg.algo in algos for algos in DATA_TASKS.values()):
+        raise ConfigError(f"rollout.backend=vllm samples the replies of the online methods; algo={cfg.algo} trains on its data and samples "
+                          "only to evaluate: keep rollout.backend=hf")
 
 
 def _offline_relations(cfg) -> None:

@@ -11,11 +11,16 @@ forward/backward (rebelrl: one micro-batch of 16 pairs; TRL: per-device batch 32
 no gradient accumulation), no gradient checkpointing (TRL's default turns it on), no mixed precision.
 ``rebelrl-lean`` is rebelrl in its lean mode: the same run with ``model.activation_checkpointing=true``
 and ``free_memory=at_once`` (its update floor below still counts 3 forwards; checkpointing spends a
-fourth on purpose, and returning memory at once costs page faults).
+fourth on purpose, and returning memory at once costs page faults). ``rebelrl-vllm`` and
+``rebelrl-vllm-bf16`` are rebelrl with ``rollout.backend=vllm`` (the engine of scripts/setup_vllm.sh, in
+float32 or bfloat16; the trainer stays in float32): their rollout holds loading the policy's weights into
+the engine and its sampling, their log-probs the recomputed log pi_t, and the engine's memory and start
+are reported beside the trainer's.
 
     python benchmarks/vs_trl.py                    # rebelrl, rebelrl-lean, trl-grpo, trl-rloo alternating; 3 repeats x 6 iterations
     python benchmarks/vs_trl.py --full-length      # every reply forced to 48 tokens: identical token counts
     python benchmarks/vs_trl.py --methods rebelrl  # without TRL
+    python benchmarks/vs_trl.py --methods rebelrl rebelrl-vllm rebelrl-vllm-bf16   # rebelrl's decoding loop against vLLM
     python benchmarks/vs_trl.py --iterations 2 --prompts 2 --max-new-tokens 8 --repeats 1   # smoke test
 
 TRL comes with the extra: pip install -e ".[bench]". Run it alone: two jobs on 2 cores distort every
@@ -87,7 +92,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-METHODS = ("rebelrl", "rebelrl-lean", "trl-grpo", "trl-rloo")
+METHODS = ("rebelrl", "rebelrl-lean", "rebelrl-vllm", "rebelrl-vllm-bf16", "trl-grpo", "trl-rloo")
+# rollout.backend=vllm (the engine in .venv-vllm, scripts/setup_vllm.sh): its dtype, the trainer's stays float32
+VLLM_METHODS = {"rebelrl-vllm": "float32", "rebelrl-vllm-bf16": "bfloat16"}
 PHASES = ("rollout", "score", "logprobs", "update")
 TRL_TESTED = "1.16"  # the release whose private methods the phase timers wrap
 TRL_HOOKS = ("_generate", "_calculate_rewards", "_get_per_token_logps_and_entropies")
@@ -98,11 +105,13 @@ COPY_BYTES = 512 * 2**20
 # --- the shared workload ---------------------------------------------------------------------
 
 
-def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False) -> list[str]:
+def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False, vllm: str | None = None) -> list[str]:
     """rebelrl's config for the workload, as ``rebelrl train`` overrides; ``lean``: the lean mode
-    (activation checkpointing, freed memory returned at once, the same micro-batch of 16 pairs)."""
+    (activation checkpointing, freed memory returned at once, the same micro-batch of 16 pairs);
+    ``vllm``: sampling by a vLLM engine in this dtype."""
     p, budget = args.prompts, args.max_new_tokens
     return [*(["model.activation_checkpointing=true", "free_memory=at_once"] if lean else []),
+        *(["rollout.backend=vllm", f"rollout.vllm_dtype={vllm}"] if vllm else []),
         "algo=rebel", f"run_dir={run_dir}", f"iterations={args.iterations}", f"seed={seed}", f"threads={args.threads}",
         f"model.name={args.model}", "model.dtype=float32",
         # Two held-out prompts: the initial and final evaluations rebelrl always runs stay small
@@ -119,11 +128,11 @@ def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False) -> list[s
     ]
 
 
-def train_config(args, run_dir: str, seed: int, lean: bool = False):
+def train_config(args, run_dir: str, seed: int, lean: bool = False, vllm: str | None = None):
     from rebelrl.config import load_config
     from rebelrl.train.config import TrainConfig
 
-    return load_config(TrainConfig, None, rebel_overrides(args, run_dir, seed, lean))
+    return load_config(TrainConfig, None, rebel_overrides(args, run_dir, seed, lean, vllm))
 
 
 def iteration_prompts(cfg) -> list[list]:
@@ -194,24 +203,32 @@ def versions() -> dict:
 # --- the measured children -----------------------------------------------------------------------
 
 
-def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False) -> dict:
+def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False, vllm: str | None = None) -> dict:
     """One REBEL run through rebelrl's own training loop; phases from its metrics.jsonl. The token
-    counts come from an observer around ``collect`` (it returns the batch unchanged)."""
+    counts come from an observer around ``collect`` (it returns the batch unchanged). With ``vllm``,
+    the engine's own peak memory is read before the run stops it (the child's peak RSS is the trainer's)."""
     from rebelrl.algos import rebel
 
     run_dir = workdir / f"rebelrl-{seed}"
-    cfg = train_config(args, str(run_dir), seed, lean)
-    rollouts = []
+    cfg = train_config(args, str(run_dir), seed, lean, vllm)
+    rollouts, engine = [], {}
     collect = rebel.collect
 
     def observed(run, prompts):
         batch = collect(run, prompts)
         r = batch.rollout
         rollouts.append({"prompt": r.prompt_mask.sum(1).tolist(), "completion": r.completion_mask.sum(1).tolist()})
+        if vllm:
+            engine.update(peak_rss_mb=run.generator.server.peak_rss_mb(), start_s=run.generator.server.start_seconds,
+                          sync_s=run.generator.sync_seconds[-1])
         return batch
 
     rebel.collect = observed
     rebel.train(cfg)
+    if vllm:
+        from rebelrl.rollout.vllm_engine import stop_engines
+
+        stop_engines()
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = []
     for line, generation in zip(lines, rollouts, strict=True):
@@ -223,7 +240,7 @@ def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False) -> dict:
                         "logprobs_ref": None, "logprobs_old": 0.0, "old_recomputed": bool(m.get("old_logps_recomputed")),
                         "generations": [generation]})
     shutil.rmtree(run_dir, ignore_errors=True)  # the final checkpoint is ~2 GB
-    return {"iterations": records}
+    return {"iterations": records, **({"engine": engine} if vllm else {})}
 
 
 def child_trl(method: str, args, seed: int, workdir: Path) -> dict:
@@ -408,8 +425,8 @@ def run_child(args) -> None:
     seed = args.seed + args.repeat
     if args.child == "floor":
         result = child_floor(args)
-    elif args.child in ("rebelrl", "rebelrl-lean"):
-        result = child_rebelrl(args, seed, workdir, lean=args.child == "rebelrl-lean")
+    elif args.child.startswith("rebelrl"):
+        result = child_rebelrl(args, seed, workdir, lean=args.child == "rebelrl-lean", vllm=VLLM_METHODS.get(args.child))
     else:
         result = child_trl(args.child, args, seed, workdir)
     Path(args.child_out).write_text(json.dumps({**result, "versions": versions()}))
@@ -504,6 +521,8 @@ def summarise(runs: list[dict], machine: dict | None, warmup: int) -> dict:
         row["logprobs_old"] = statistics.median(rec["logprobs_old"] for rec in kept)
         row["reply_tokens"] = statistics.mean(mean_reply(rec) for rec in kept)
         row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in mine)
+        if all("engine" in r for r in mine):  # a vLLM engine beside the trainer: its memory counts too
+            row["engine"] = {key: max(r["engine"][key] for r in mine) for key in ("peak_rss_mb", "start_s", "sync_s")}
         row["kernel_s"] = statistics.median(r["kernel_s"] / len(r["iterations"]) for r in mine)
         row["iterations_measured"] = len(kept)
         row["old_recomputed_iterations"] = sum(bool(rec.get("old_recomputed")) for rec in kept)
@@ -533,6 +552,13 @@ def print_times(summary: dict) -> None:
     for method, r in summary.items():
         print(f"| {method} | {r['iteration']:.2f} | {r['rollout']:.2f} | {r['score']:.3f} | {r['logprobs']:.2f} | {r['logprobs_old']:.2f} | "
               f"{r['update']:.2f} | {r['reply_tokens']:.1f} | {r['peak_rss_mb'] / 1024:.2f} | {r['kernel_s']:.1f} |")
+    for method, r in summary.items():
+        if "engine" in r:
+            e = r["engine"]
+            print(f"\n{method}: the vLLM engine took {e['start_s']:.0f} s to start (outside the timed iterations) and "
+                  f"{e['peak_rss_mb'] / 1024:.2f} GB at its peak, beside the trainer's {r['peak_rss_mb'] / 1024:.2f} GB "
+                  f"(together {(e['peak_rss_mb'] + r['peak_rss_mb']) / 1024:.2f} GB); loading the policy's weights into it "
+                  f"took {e['sync_s']:.2f} s an iteration (inside the rollout)")
     for method, r in summary.items():
         if r["old_recomputed_iterations"]:
             print(f"\n{method}: log pi_t was recomputed by a forward in {r['old_recomputed_iterations']} measured iterations "

@@ -306,3 +306,100 @@ def test_refuel_trains_through_the_launcher_in_two_processes(tmp_path, monkeypat
     initial = tiny_model(tiny_tokenizer(), seed=0).state_dict()
     trained = load_file(run / "checkpoints" / "iter-000002" / "model" / "model.safetensors")
     assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+
+
+# --- FSDP2 on CPU processes ----------------------------------------------------------------------------------
+
+STOPPING_REWARD = '''
+import os
+
+_training_calls = 0
+
+
+def lowercase_until_told(conversations):
+    """lowercase_fraction; raises KeyboardInterrupt (Ctrl-C) at the TINY_STOP_AT-th training batch of a process."""
+    global _training_calls
+    if len(conversations) == 8:  # a process's share of a training batch (the held-out parts hold 3)
+        _training_calls += 1
+        if _training_calls == int(os.environ.get("TINY_STOP_AT", "0")):
+            raise KeyboardInterrupt
+    return lowercase_fraction(conversations)
+'''
+
+
+def _launch(tmp_path: Path, run: Path, *extra: str, fsdp: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``rebelrl train`` on the tiny model in two CPU processes: FSDP through ``accelerate launch`` and the
+    shipped ``configs/accelerate/fsdp.yaml``, or DDP through ``--num_processes 2``."""
+    args = ["train", *[a for a in TINY_ARGS if not a.startswith("reward.fn")], "reward.fn=tiny_rules:lowercase_until_told",
+            f"task.prompts={tmp_path / 'prompts.jsonl'}", "iterations=4", "threads=1", f"run_dir={run}", *extra]
+    config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp.yaml"
+    cmd = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+            "--main_process_port", str(_free_port()), "-m", "rebelrl.cli", *args] if fsdp
+           else [sys.executable, "-m", "rebelrl.cli", *args, "--num_processes", "2"])
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def test_fsdp_on_two_cpu_processes_trains_as_ddp_and_resumes_to_the_uninterrupted_run(tmp_path):
+    """The shipped FSDP config (FSDP2, fully_shard over gloo) on two CPU processes: each process holds
+    half of every weight, gathers them once per generate call and trains on its share. Its first
+    update gives DDP's loss and gradient norm on the same samples (rel. 1e-5: the same gradient
+    reduced in another order), its run is DDP's within float rounding, and a run interrupted (Ctrl-C
+    in both processes at iteration 3) and resumed from its iteration-2 checkpoint repeats the
+    uninterrupted run: metrics, evaluations and final weights bit for bit."""
+    (tmp_path / "tiny_rules.py").write_text(RULE_MODULE + STOPPING_REWARD)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    full, killed, ddp = tmp_path / "full", tmp_path / "killed", tmp_path / "ddp"
+    result = _launch(tmp_path, full)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes (DistributedType.FSDP)" in result.stderr
+    result = _launch(tmp_path, ddp, fsdp=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fsdp_rows, ddp_rows = read_jsonl(full / "metrics.jsonl"), read_jsonl(ddp / "metrics.jsonl")
+    for key in ("loss", "grad_norm", "score_mean"):
+        assert fsdp_rows[0][key] == pytest.approx(ddp_rows[0][key], rel=1e-5), key
+    assert [r["loss"] for r in fsdp_rows] == pytest.approx([r["loss"] for r in ddp_rows], rel=1e-3)
+
+    result = _launch(tmp_path, killed, env={"TINY_STOP_AT": "3"})
+    assert result.returncode != 0 and (killed / "checkpoints" / "iter-000002").is_dir()
+    assert not (killed / "checkpoints" / "iter-000004").exists()
+    result = _launch(tmp_path, killed, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        assert strip_timings(read_jsonl(killed / name)) == strip_timings(read_jsonl(full / name)), name
+    a = load_file(full / "checkpoints" / "iter-000004" / "model" / "model.safetensors")
+    b = load_file(killed / "checkpoints" / "iter-000004" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the checkpoint is the whole model, as one process saves it: it loads into the plain model
+    model = tiny_model(tiny_tokenizer())
+    assert model.load_state_dict(a, strict=False).unexpected_keys == []
+    assert a["model.embed_tokens.weight"].shape == model.model.embed_tokens.weight.shape
+
+
+def _fsdp_generate_worker(rank: int, port: int, out: str) -> None:
+    """FSDP2 as the FSDP config sets it up; inside ``full_weights`` process 0 runs three forward passes
+    and process 1 one (as decoding rows that stop at different steps do), then both train a step."""
+    os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+                      FSDP_RESHARD_AFTER_FORWARD="true", FSDP_STATE_DICT_TYPE="FULL_STATE_DICT")
+    processes = _join(rank, port)
+    tokenizer = tiny_tokenizer()
+    policy = tiny_model(tokenizer, seed=0)
+    learner, optimizer = processes.prepare(policy, torch.optim.SGD(policy.parameters(), lr=1e-2))
+    ids = torch.tensor([[5, 9, 12, 30, 41]])
+    with torch.no_grad(), processes.full_weights(learner):
+        logits = [policy(input_ids=ids).logits for _ in range(3 if rank == 0 else 1)]
+    learner(input_ids=ids).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    torch.save({"logits": logits[0], "sharded": processes.shards_weights}, Path(out) / f"rank{rank}.pt")
+
+
+def test_fsdp_sampling_gathers_the_weights_once_whatever_the_forward_passes(tmp_path):
+    """Without gathering the weights for the whole generate call, each forward pass would be a
+    collective, and processes that decode different numbers of steps would wait on each other for
+    ever (the test would time out); the gathered weights give the plain model's logits."""
+    _spawn(_fsdp_generate_worker, str(tmp_path), timeout=120)
+    plain = tiny_model(tiny_tokenizer(), seed=0)(input_ids=torch.tensor([[5, 9, 12, 30, 41]])).logits
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert result["sharded"]
+        torch.testing.assert_close(result["logits"], plain, atol=1e-6, rtol=0)

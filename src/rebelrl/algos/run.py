@@ -222,7 +222,7 @@ class Run:
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.processes.load_optimizer_state(self.learner, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         apply_optim_config(self.optimizer, self.scheduler, self.cfg.optim)
         rng = _process_rng(state, self.processes.rank)
@@ -549,7 +549,7 @@ class Run:
 
     def save(self, iteration: int) -> None:
         """The main process writes the checkpoint (atomically) while the others wait for it to be whole."""
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "recompute_old": self.recompute_old,
+        state = {"optimizer": self.processes.optimizer_state(self.learner, self.optimizer), "scheduler": self.scheduler.state_dict(), "recompute_old": self.recompute_old,
                  "astar_values": self.astar_values, "computed": {k: v.cpu() for k, v in self.computed.items()}}
         if self.processes.distributed:  # each process's random streams, so that each resumes its own
             state["rng_by_process"] = self.processes.gather([rng_state()])

@@ -73,6 +73,8 @@ class VLLMServer:
     def __init__(self, process: subprocess.Popen, port: int, log: Path, timeout: float, weights_dir: Path):
         self.process, self.port, self.log, self.timeout, self.weights_dir = process, port, log, timeout, weights_dir
         self.info: dict | None = None
+        self.started = time.monotonic()
+        self.start_seconds: float | None = None  # from start to serving
 
     @classmethod
     def start(cls, python: Path, model: str, dtype: str, seed: int, log: Path, timeout: float = 900.0,
@@ -99,6 +101,10 @@ class VLLMServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def peak_rss_mb(self) -> float:
+        """The engine process's peak resident memory so far (MB)."""
+        return float(self._request("GET", "/health", timeout=10)["peak_rss_mb"])
+
     def wait(self) -> dict:
         """Block until the engine serves; its ``/health`` answer (model, dtype, context length)."""
         if self.info is not None:
@@ -111,6 +117,7 @@ class VLLMServer:
                 raise EngineError(f"the vLLM engine stopped while starting (exit code {code}): {self._last_line()} (log: {self.log})")
             try:
                 self.info = self._request("GET", "/health", timeout=5)
+                self.start_seconds = time.monotonic() - self.started
                 return self.info
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass

@@ -7,7 +7,7 @@ only the standard library, torch, safetensors and vLLM, and rebelrl starts it as
 the import path). The engine runs in this process; rebelrl stops it when a run ends, fails or is
 interrupted, and it stops itself if the process that started it is gone (even killed outright).
 
-    GET  /health     {"model", "dtype", "max_model_len"} once the engine is up
+    GET  /health     {"model", "dtype", "max_model_len", "peak_rss_mb"} once the engine is up
     POST /generate   {"requests": [{"prompt": [ids], "max_tokens", "min_tokens", "temperature", "top_p",
                       "top_k", "repetition_penalty", "stop", "seed"}, ...]}
                      -> {"outputs": [{"tokens": [ids], "logprobs": [floats], "stopped": bool}, ...]}
@@ -107,7 +107,9 @@ def serve(args) -> None:
 
         def do_GET(self):
             if self.path == "/health":
-                self._reply(200, engine.info)
+                import resource
+
+                self._reply(200, {**engine.info, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
             else:
                 self._reply(404, {"error": f"no such endpoint: {self.path}"})
 

@@ -49,7 +49,11 @@ class Processes:
         from accelerate import Accelerator
 
         # Without a GPU, accelerate joins several processes only when told the run is on the CPU (gloo).
-        return cls(Accelerator(cpu=not torch.cuda.is_available()))
+        cpu = not torch.cuda.is_available()
+        accelerator = Accelerator(cpu=cpu)
+        if cpu and accelerator.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            _shard_on_the_cpu(accelerator)
+        return cls(accelerator)
 
     @property
     def rank(self) -> int:
@@ -180,6 +184,24 @@ class Processes:
             return None
         return self.accelerator.get_state_dict(learner)
 
+    def optimizer_state(self, learner: torch.nn.Module, optimizer) -> dict:
+        """The optimizer's state to save: under FSDP2 each process holds the moments of its shards
+        only, so they are gathered into the whole model's (every process calls this; the main one saves it)."""
+        if not self.accelerator or not self.accelerator.is_fsdp2:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(learner, _unwrapped(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, learner: torch.nn.Module, optimizer, state: dict) -> None:
+        """The saved optimizer state back into the optimizer; under FSDP2 each process keeps its shards of it."""
+        if not self.accelerator or not self.accelerator.is_fsdp2:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(learner, _unwrapped(optimizer), optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
     @property
     def steps_in_backward(self) -> bool:
         """DeepSpeed's engine steps the optimizer inside ``backward`` at each of its accumulation boundaries."""
@@ -204,6 +226,8 @@ class Processes:
 
         if not self.shards_weights:
             return nullcontext()
+        if self.accelerator.is_fsdp2:
+            return _fsdp2_full_weights(learner, self.accelerator.state.fsdp_plugin.reshard_after_forward)
         if self.accelerator.distributed_type == DistributedType.FSDP:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -214,6 +238,47 @@ class Processes:
 
 
 ONE_PROCESS = Processes()
+
+
+def _unwrapped(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+@contextmanager
+def _fsdp2_full_weights(model: torch.nn.Module, reshard_after_forward):
+    """FSDP2 (``fully_shard``): every sharded module gathers its full weights once (a collective that
+    every process makes alike) and keeps them through any number of forward passes, so that processes
+    may decode different numbers of steps; on exit each goes back to its shard and to resharding after
+    its forward (``reshard_after_forward`` of the config; the root keeps its weights, as FSDP2 sets it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(module is not model and bool(reshard_after_forward), recurse=False)
+
+
+def _shard_on_the_cpu(accelerator) -> None:
+    """An FSDP accelerate config on CPU processes: accelerate shards only on accelerators and would
+    silently fall back to DDP, but torch's FSDP2 (``fully_shard``) shards over gloo as well, so the run
+    takes accelerate's FSDP2 path there too (the path a GPU run takes, testable without one)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"an FSDP accelerate config on CPU processes needs fsdp_version: 2 (torch's fully_shard, which shards over gloo); "
+                          f"it has fsdp_version: {plugin.fsdp_version}")
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # accelerate copies it from here on later calls
+    accelerator.state.fsdp_plugin = plugin
 
 
 class GatheringGenerator:

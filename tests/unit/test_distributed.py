@@ -8,7 +8,10 @@ each test, against one process doing the same work.
   same prompts and seeds;
 - metrics of the processes' shares combine into the whole batch's (hand-derived numbers);
 - a two-process run killed after iteration 3 and resumed repeats the uninterrupted two-process run;
-- REFUEL trains end to end through ``rebelrl train --num_processes 2``.
+- REFUEL trains end to end through ``rebelrl train --num_processes 2``;
+- the shipped FSDP config (FSDP2 over gloo) trains as DDP does and resumes to its uninterrupted run,
+  and gathers the weights once per generate call whatever the forward passes of each process;
+- two launches as two machines on loopback equal one launch of two processes.
 """
 
 from __future__ import annotations
@@ -403,3 +406,38 @@ def test_fsdp_sampling_gathers_the_weights_once_whatever_the_forward_passes(tmp_
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert result["sharded"]
         torch.testing.assert_close(result["logits"], plain, atol=1e-6, rtol=0)
+
+
+def test_two_machines_on_loopback_give_the_one_machine_run(tmp_path):
+    """accelerate's multi-node launch, as a user past one box runs it (one launch per machine, each with
+    its --machine_rank, both pointed at the main machine's address), here as two "machines" on
+    127.0.0.1 with one process each: the run equals one launch of two processes with the same global
+    batch (metrics, evaluations and weights bit for bit)."""
+    (tmp_path / "tiny_rules.py").write_text(RULE_MODULE + STOPPING_REWARD)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    one = tmp_path / "one"
+    result = _launch(tmp_path, one, fsdp=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = tmp_path / "two"
+    config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "ddp.yaml"
+    args = ["train", *[a for a in TINY_ARGS if not a.startswith("reward.fn")], "reward.fn=tiny_rules:lowercase_until_told",
+            f"task.prompts={tmp_path / 'prompts.jsonl'}", "iterations=4", "threads=1", f"run_dir={two}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    machines = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_machines", "2",
+                                  "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                                  "--main_process_port", str(port), "-m", "rebelrl.cli", *args],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        errors = [m.communicate(timeout=600)[1] for m in machines]
+    finally:
+        for m in machines:
+            if m.poll() is None:
+                m.kill()
+    assert [m.returncode for m in machines] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert "2 processes (DistributedType.MULTI_CPU)" in errors[0]
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        assert strip_timings(read_jsonl(two / name)) == strip_timings(read_jsonl(one / name)), name
+    a = load_file(one / "checkpoints" / "iter-000004" / "model" / "model.safetensors")
+    b = load_file(two / "checkpoints" / "iter-000004" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

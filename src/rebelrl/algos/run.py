@@ -163,9 +163,15 @@ class Run:
 
         r = cfg.rollout
         # The engine starts (about 100 s on a CPU) while the models load; it serves the policy's own weights from the first sample on.
-        engine = VLLMServer.start(vllm_python, resolve_model_path(cfg.model.name), cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype,
-                                  cfg.seed, run_dir / "vllm.log", r.vllm_start_timeout, kv_cache_gb=r.vllm_memory or 2.0,
-                                  gpu_memory_utilization=r.vllm_memory or 0.3) if vllm_python is not None else None
+        engine = None
+        if vllm_python is not None:
+            on_gpu = torch.cuda.is_available()
+            if on_gpu and r.vllm_memory is not None and r.vllm_memory > 1:
+                raise ConfigError(f"rollout.vllm_memory={r.vllm_memory:g}: on a GPU it is the share of its memory the engine may take, in (0, 1]")
+            engine = VLLMServer.start(vllm_python, resolve_model_path(cfg.model.name), cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype,
+                                      cfg.seed, run_dir / "vllm.log", r.vllm_start_timeout,
+                                      kv_cache_gb=2.0 if on_gpu or r.vllm_memory is None else r.vllm_memory,
+                                      gpu_memory_utilization=(r.vllm_memory or 0.3) if on_gpu else 0.3)
         policy, ref = (load_models or _load_models)(cfg, checkpoint)
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         budget_key = "eval.max_new_tokens" if eval_budget > r.max_new_tokens else "rollout.max_new_tokens"

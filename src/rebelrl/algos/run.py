@@ -146,6 +146,8 @@ class Run:
         reset = ResetStates.load(cfg, tokenizer, stop_token_ids(tokenizer), task.train) if cfg.reset.data is not None else None
         _check_guide(cfg, tokenizer)
         vllm_python = find_vllm_python(cfg.rollout.vllm_python) if cfg.rollout.backend == "vllm" else None
+        if vllm_python is not None and torch.cuda.is_available() and (cfg.rollout.vllm_memory or 0) > 1:
+            raise ConfigError(f"rollout.vllm_memory={cfg.rollout.vllm_memory:g}: on a GPU it is the share of its memory the engine may take, in (0, 1]")
         if task.train_data is not None:  # every row fits the model's context, checked before any model loads
             check_data_lengths(task, tokenizer, model_context(cfg.model.name), cfg.sft.max_length if cfg.sft.packing else None)
             if cfg.algo == "alol":
@@ -166,8 +168,6 @@ class Run:
         engine = None
         if vllm_python is not None:
             on_gpu = torch.cuda.is_available()
-            if on_gpu and r.vllm_memory is not None and r.vllm_memory > 1:
-                raise ConfigError(f"rollout.vllm_memory={r.vllm_memory:g}: on a GPU it is the share of its memory the engine may take, in (0, 1]")
             engine = VLLMServer.start(vllm_python, resolve_model_path(cfg.model.name), cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype,
                                       cfg.seed, run_dir / "vllm.log", r.vllm_start_timeout,
                                       kv_cache_gb=2.0 if on_gpu or r.vllm_memory is None else r.vllm_memory,

@@ -273,3 +273,23 @@ def test_settings_of_the_engine_are_refused_without_it(tmp_path, monkeypatch, ca
     assert "rollout.vllm_dtype=bfloat16 is read only with rollout.backend=vllm" in capsys.readouterr().err
     assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", "rollout.backend=vllm", f"run_dir={tmp_path / 'run'}"]) == 2
     assert "model.name=tiny-random" in capsys.readouterr().err
+
+
+def test_lora_as_an_adapter_the_engine_applies(vllm_python, folder, tmp_path):
+    """rollout.vllm_lora=adapter: the engine serves the base weights it started with and applies the
+    policy's adapter, reloaded after an update; its log-probs are the LoRA policy's."""
+    server = VLLMServer.start(vllm_python, str(folder), "float32", 0, tmp_path / "vllm.log", max_lora_rank=4)
+    try:
+        policy = apply_lora(_policy(folder), 4, 8, 0.0, "all-linear")
+        generator = VLLMGenerator(server, policy, tiny_tokenizer(), lora="adapter")
+        params = SamplingParams(temperature=0.7, max_new_tokens=12)
+        for _ in range(2):  # an adapter, then the adapter after an update
+            with torch.no_grad():
+                for name, p in policy.named_parameters():
+                    if "lora_" in name:
+                        p.add_(torch.randn_like(p) * 0.3)
+            generator.mark_stale()
+            rollout = generator.generate(PROMPTS, 2, params)
+            assert _reply_gap(rollout, policy, 0.7).max() < 1e-3
+    finally:
+        server.stop()

@@ -171,7 +171,8 @@ class Run:
             engine = VLLMServer.start(vllm_python, resolve_model_path(cfg.model.name), cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype,
                                       cfg.seed, run_dir / "vllm.log", r.vllm_start_timeout,
                                       kv_cache_gb=2.0 if on_gpu or r.vllm_memory is None else r.vllm_memory,
-                                      gpu_memory_utilization=(r.vllm_memory or 0.3) if on_gpu else 0.3)
+                                      gpu_memory_utilization=(r.vllm_memory or 0.3) if on_gpu else 0.3,
+                                      max_lora_rank=cfg.model.lora_r if r.vllm_lora == "adapter" else 0)
         policy, ref = (load_models or _load_models)(cfg, checkpoint)
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         budget_key = "eval.max_new_tokens" if eval_budget > r.max_new_tokens else "rollout.max_new_tokens"
@@ -193,7 +194,7 @@ class Run:
         eval_sampling = SamplingParams(eval_temperature, r.top_p, r.top_k, eval_budget, r.repetition_penalty, min(r.min_new_tokens, eval_budget))
         generator = HFGenerator(policy, tokenizer, r.batch_size) if ref is not None else None
         if engine is not None:
-            generator = VLLMGenerator(engine, policy, tokenizer, r.batch_size)
+            generator = VLLMGenerator(engine, policy, tokenizer, r.batch_size, lora=r.vllm_lora if cfg.model.lora_r > 0 else "merged")
         if processes.shards_weights and generator is not None:
             generator = GatheringGenerator(generator, lambda: processes.full_weights(wrapped))
         run = cls(

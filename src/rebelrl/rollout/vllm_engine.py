@@ -78,7 +78,8 @@ class VLLMServer:
 
     @classmethod
     def start(cls, python: Path, model: str, dtype: str, seed: int, log: Path, timeout: float = 900.0,
-              kv_cache_gb: float = 2.0, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None) -> VLLMServer:
+              kv_cache_gb: float = 2.0, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
+              max_lora_rank: int = 0) -> VLLMServer:
         port = _free_port()
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the server's own process
                "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
@@ -88,6 +89,8 @@ class VLLMServer:
                "--gpu-memory-utilization", f"{gpu_memory_utilization:g}", "--parent", str(os.getpid())]
         if max_model_len:
             cmd += ["--max-model-len", str(max_model_len)]
+        if max_lora_rank:
+            cmd += ["--max-lora-rank", str(max_lora_rank)]
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -218,8 +221,11 @@ def engine_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
 class VLLMGenerator:
     """``Generator`` backed by a vLLM engine; ``model`` is the trained policy whose weights it serves."""
 
-    def __init__(self, server: VLLMServer, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32):
-        self.server, self.model, self.tokenizer, self.batch_size = server, model, tokenizer, batch_size
+    def __init__(self, server: VLLMServer, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32,
+                 lora: str = "merged"):
+        """``lora``: how a LoRA policy reaches the engine: merged into the weights, or as an adapter
+        the engine applies (it then serves the base weights it started with, which LoRA never changes)."""
+        self.server, self.model, self.tokenizer, self.batch_size, self.lora = server, model, tokenizer, batch_size, lora
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.stale = True  # the engine starts from the checkpoint on disk: the policy's own weights go first
         self.sync_seconds: list[float] = []
@@ -231,12 +237,20 @@ class VLLMGenerator:
     def sync(self) -> float:
         """Load the policy's current weights into the engine; seconds taken."""
         t0 = time.perf_counter()
-        path = self.server.weights_dir / "policy.safetensors"
-        save_file(engine_state_dict(self.model), str(path))
-        try:
-            self.server.post("/weights", {"path": str(path)})
-        finally:
-            path.unlink(missing_ok=True)
+        if self.lora == "adapter":
+            folder = self.server.weights_dir / "adapter"
+            self.model.save_pretrained(str(folder))  # PEFT: adapter_config.json and the adapter's weights
+            try:
+                self.server.post("/adapter", {"path": str(folder)})
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        else:
+            path = self.server.weights_dir / "policy.safetensors"
+            save_file(engine_state_dict(self.model), str(path))
+            try:
+                self.server.post("/weights", {"path": str(path)})
+            finally:
+                path.unlink(missing_ok=True)
         self.stale = False
         self.sync_seconds.append(time.perf_counter() - t0)
         return self.sync_seconds[-1]

@@ -13,6 +13,8 @@ interrupted, and it stops itself if the process that started it is gone (even ki
                      -> {"outputs": [{"tokens": [ids], "logprobs": [floats], "stopped": bool}, ...]}
     POST /weights    {"path": "file.safetensors"}: load these weights (Hugging Face names) into the
                      engine, in place, and drop every cached prefix computed with the old ones
+    POST /adapter    {"path": "folder"}: a PEFT LoRA adapter (--max-lora-rank): loaded now, in place of
+                     the previous one, and applied to every later request
     POST /shutdown   stop
 """
 
@@ -48,6 +50,11 @@ def _load_weights(worker, path: str) -> int:
     return len(weights)
 
 
+def _lora_rank(rank: int) -> int:
+    """The smallest rank vLLM's engine takes that holds an adapter of ``rank``."""
+    return next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
+
+
 class Engine:
     def __init__(self, args):
         from vllm import LLM
@@ -58,7 +65,9 @@ class Engine:
             enable_prefix_caching=True, max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
             skip_tokenizer_init=True,  # rebelrl sends token ids and reads token ids back: its tokenizer alone renders text
             enforce_eager=args.eager,
+            **({"enable_lora": True, "max_lora_rank": _lora_rank(args.max_lora_rank), "max_loras": 1} if args.max_lora_rank else {}),
         )
+        self.adapter = None  # the LoRARequest every request carries (rollout.vllm_lora=adapter)
         self.info = {"model": args.model, "dtype": str(self.llm.llm_engine.model_config.dtype).replace("torch.", ""),
                      "max_model_len": self.llm.llm_engine.model_config.max_model_len}
 
@@ -74,7 +83,7 @@ class Engine:
                 # exactly the configured stop tokens: the model's EOS stops a reply only if it is one of them
                 stop_token_ids=r["stop"], ignore_eos=True, logprobs=0, detokenize=False, skip_special_tokens=False,
             ))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.adapter)
         results = []
         for out in outputs:
             c = out.outputs[0]
@@ -82,6 +91,14 @@ class Engine:
             logprobs = [step[token].logprob for step, token in zip(c.logprobs, tokens)]
             results.append({"tokens": tokens, "logprobs": logprobs, "stopped": c.finish_reason == "stop"})
         return results
+
+    def load_adapter(self, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        # One adapter id, replaced in place: the engine keeps no old adapters around.
+        self.adapter = LoRARequest("policy", 1, path, load_inplace=True)
+        self.llm.llm_engine.add_lora(self.adapter)
+        self.llm.reset_prefix_cache()
 
     def load(self, path: str) -> int:
         loaded = self.llm.collective_rpc(_load_weights, args=(path,))[0]
@@ -124,6 +141,10 @@ def serve(args) -> None:
                     t = time.perf_counter()
                     loaded = engine.load(body["path"])
                     self._reply(200, {"loaded": loaded, "seconds": time.perf_counter() - t})
+                elif self.path == "/adapter":
+                    t = time.perf_counter()
+                    engine.load_adapter(body["path"])
+                    self._reply(200, {"seconds": time.perf_counter() - t})
                 elif self.path == "/shutdown":
                     self._reply(200, {})
                     stop.set()
@@ -159,6 +180,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    parser.add_argument("--max-lora-rank", type=int, default=0, help="serve a LoRA adapter of at most this rank (0: none)")
     parser.add_argument("--eager", action="store_true", help="no compilation: a faster start, slower decoding")
     parser.add_argument("--parent", type=int, default=None, help="stop when this process is gone")
     args = parser.parse_args()

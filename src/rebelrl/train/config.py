@@ -108,6 +108,8 @@ class RolloutConfig:
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field("auto", "rollout.backend=vllm: the engine's dtype; auto = model.dtype")
     vllm_memory: float | None = field(None, "rollout.backend=vllm: the engine's KV cache, in GiB on a CPU (null = 2), or the share of "
                                             "the GPU's memory it may take (null = 0.3: the trainer shares the GPU)")
+    vllm_lora: Literal["merged", "adapter"] = field("merged", "rollout.backend=vllm with model.lora_r > 0: the adapter merged into the "
+                                                    "weights loaded into the engine, or loaded as an adapter the engine applies")
     vllm_start_timeout: float = field(900.0, "rollout.backend=vllm: seconds the engine may take to start (about 100 s on a 2-core CPU)")
 
 

@@ -315,7 +315,7 @@ def _guide_relations(cfg) -> None:
 def _backend_relations(cfg) -> None:
     r, default = cfg.rollout, type(cfg.rollout)()
     if r.backend == "hf":
-        changed = [f"rollout.{k}={getattr(r, k)}" for k in ("vllm_python", "vllm_dtype", "vllm_memory", "vllm_start_timeout")
+        changed = [f"rollout.{k}={getattr(r, k)}" for k in ("vllm_python", "vllm_dtype", "vllm_memory", "vllm_lora", "vllm_start_timeout")
                    if getattr(r, k) != getattr(default, k)]
         if changed:
             raise ConfigError(f"{', '.join(changed)} is read only with rollout.backend=vllm: it would be ignored")
@@ -325,6 +325,8 @@ def _backend_relations(cfg) -> None:
     if cfg.model.name == TINY_MODEL:
         raise ConfigError(f"rollout.backend=vllm: model.name={TINY_MODEL} is built in this process, so there is no folder for the engine to "
                           "load (and its head size of 16 is below the 32 vLLM's CPU attention takes): save a model and name its folder")
+    if r.vllm_lora == "adapter" and cfg.model.lora_r == 0:
+        raise ConfigError("rollout.vllm_lora=adapter loads a LoRA adapter into the engine: with model.lora_r=0 there is none, so it would be ignored")
     if any(cfg.algo in algos for algos in DATA_TASKS.values()):
         raise ConfigError(f"rollout.backend=vllm samples the replies of the online methods; algo={cfg.algo} trains on its data and samples "
                           "only to evaluate: keep rollout.backend=hf")

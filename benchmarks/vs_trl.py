@@ -15,7 +15,10 @@ fourth on purpose, and returning memory at once costs page faults). ``rebelrl-vl
 ``rebelrl-vllm-bf16`` are rebelrl with ``rollout.backend=vllm`` (the engine of scripts/setup_vllm.sh, in
 float32 or bfloat16; the trainer stays in float32): their rollout holds loading the policy's weights into
 the engine and its sampling, their log-probs the recomputed log pi_t, and the engine's memory and start
-are reported beside the trainer's.
+are reported beside the trainer's. ``rebelrl-lora``, ``rebelrl-vllm-lora`` and
+``rebelrl-vllm-lora-adapter`` train a LoRA of rank 16 on every linear layer (lr 1e-4), sampled by
+rebelrl's loop, by the engine with the adapter merged into its weights, or by the engine applying the
+adapter.
 
     python benchmarks/vs_trl.py                    # rebelrl, rebelrl-lean, trl-grpo, trl-rloo alternating; 3 repeats x 6 iterations
     python benchmarks/vs_trl.py --full-length      # every reply forced to 48 tokens: identical token counts
@@ -92,9 +95,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-METHODS = ("rebelrl", "rebelrl-lean", "rebelrl-vllm", "rebelrl-vllm-bf16", "trl-grpo", "trl-rloo")
+METHODS = ("rebelrl", "rebelrl-lean", "rebelrl-vllm", "rebelrl-vllm-bf16", "rebelrl-lora", "rebelrl-vllm-lora", "rebelrl-vllm-lora-adapter",
+           "trl-grpo", "trl-rloo")
 # rollout.backend=vllm (the engine in .venv-vllm, scripts/setup_vllm.sh): its dtype, the trainer's stays float32
-VLLM_METHODS = {"rebelrl-vllm": "float32", "rebelrl-vllm-bf16": "bfloat16"}
+VLLM_METHODS = {"rebelrl-vllm": "float32", "rebelrl-vllm-bf16": "bfloat16", "rebelrl-vllm-lora": "float32", "rebelrl-vllm-lora-adapter": "float32"}
+# LoRA of rank 16 on every linear layer (model.lora_r=16); the vLLM engine gets it merged or as an adapter
+LORA_METHODS = {"rebelrl-lora": None, "rebelrl-vllm-lora": "merged", "rebelrl-vllm-lora-adapter": "adapter"}
 PHASES = ("rollout", "score", "logprobs", "update")
 TRL_TESTED = "1.16"  # the release whose private methods the phase timers wrap
 TRL_HOOKS = ("_generate", "_calculate_rewards", "_get_per_token_logps_and_entropies")
@@ -105,13 +111,15 @@ COPY_BYTES = 512 * 2**20
 # --- the shared workload ---------------------------------------------------------------------
 
 
-def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False, vllm: str | None = None) -> list[str]:
+def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False, vllm: str | None = None, lora: str | None = "") -> list[str]:
     """rebelrl's config for the workload, as ``rebelrl train`` overrides; ``lean``: the lean mode
     (activation checkpointing, freed memory returned at once, the same micro-batch of 16 pairs);
     ``vllm``: sampling by a vLLM engine in this dtype."""
     p, budget = args.prompts, args.max_new_tokens
     return [*(["model.activation_checkpointing=true", "free_memory=at_once"] if lean else []),
         *(["rollout.backend=vllm", f"rollout.vllm_dtype={vllm}"] if vllm else []),
+        *(["model.lora_r=16", "model.lora_target_modules=all-linear", "optim.lr=1e-4"] if lora != "" else []),
+        *([f"rollout.vllm_lora={lora}"] if lora else []),
         "algo=rebel", f"run_dir={run_dir}", f"iterations={args.iterations}", f"seed={seed}", f"threads={args.threads}",
         f"model.name={args.model}", "model.dtype=float32",
         # Two held-out prompts: the initial and final evaluations rebelrl always runs stay small
@@ -128,11 +136,11 @@ def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False, vllm: str
     ]
 
 
-def train_config(args, run_dir: str, seed: int, lean: bool = False, vllm: str | None = None):
+def train_config(args, run_dir: str, seed: int, lean: bool = False, vllm: str | None = None, lora: str | None = ""):
     from rebelrl.config import load_config
     from rebelrl.train.config import TrainConfig
 
-    return load_config(TrainConfig, None, rebel_overrides(args, run_dir, seed, lean, vllm))
+    return load_config(TrainConfig, None, rebel_overrides(args, run_dir, seed, lean, vllm, lora))
 
 
 def iteration_prompts(cfg) -> list[list]:
@@ -203,14 +211,14 @@ def versions() -> dict:
 # --- the measured children -----------------------------------------------------------------------
 
 
-def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False, vllm: str | None = None) -> dict:
+def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False, vllm: str | None = None, lora: str | None = "") -> dict:
     """One REBEL run through rebelrl's own training loop; phases from its metrics.jsonl. The token
     counts come from an observer around ``collect`` (it returns the batch unchanged). With ``vllm``,
     the engine's own peak memory is read before the run stops it (the child's peak RSS is the trainer's)."""
     from rebelrl.algos import rebel
 
     run_dir = workdir / f"rebelrl-{seed}"
-    cfg = train_config(args, str(run_dir), seed, lean, vllm)
+    cfg = train_config(args, str(run_dir), seed, lean, vllm, lora)
     rollouts, engine = [], {}
     collect = rebel.collect
 
@@ -426,7 +434,8 @@ def run_child(args) -> None:
     if args.child == "floor":
         result = child_floor(args)
     elif args.child.startswith("rebelrl"):
-        result = child_rebelrl(args, seed, workdir, lean=args.child == "rebelrl-lean", vllm=VLLM_METHODS.get(args.child))
+        result = child_rebelrl(args, seed, workdir, lean=args.child == "rebelrl-lean", vllm=VLLM_METHODS.get(args.child),
+                               lora=LORA_METHODS.get(args.child, ""))
     else:
         result = child_trl(args.child, args, seed, workdir)
     Path(args.child_out).write_text(json.dumps({**result, "versions": versions()}))

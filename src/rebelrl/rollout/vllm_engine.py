@@ -238,12 +238,13 @@ class VLLMGenerator:
         """Load the policy's current weights into the engine; seconds taken."""
         t0 = time.perf_counter()
         if self.lora == "adapter":
-            folder = self.server.weights_dir / "adapter"
+            # The engine reads the adapter's folder whenever it (re)loads it: each stays until the next replaces it.
+            folder = self.server.weights_dir / f"adapter-{len(self.sync_seconds)}"
             self.model.save_pretrained(str(folder))  # PEFT: adapter_config.json and the adapter's weights
-            try:
-                self.server.post("/adapter", {"path": str(folder)})
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
+            self.server.post("/adapter", {"path": str(folder)})
+            for old in self.server.weights_dir.glob("adapter-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
         else:
             path = self.server.weights_dir / "policy.safetensors"
             save_file(engine_state_dict(self.model), str(path))

@@ -152,6 +152,7 @@ def iteration_prompts(cfg) -> list[list]:
     from rebelrl.train.distributed import ONE_PROCESS
 
     view = SimpleNamespace(cfg=cfg, task=build_task(cfg.task), processes=ONE_PROCESS)
+    view.rows_for = lambda *a: Run.rows_for(view, *a)
     return [Run.prompts_for(view, i) for i in range(1, cfg.iterations + 1)]
 
 

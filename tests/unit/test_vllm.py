@@ -8,8 +8,8 @@ that both the trainer and the engine load. Against rebelrl's own decoding loop o
   reply), also after the policy changed (the weights were really pushed: before the push they are
   far off), and with LoRA merged;
 - the sampler is mapped exactly (seeds, top-k, min tokens, the stop token);
-- REBEL and REFUEL train through the CLI; the engine is gone after a run ends, and after its trainer
-  is killed outright.
+- REBEL and REFUEL train through the CLI, and every other online method (and a guide rolling out)
+  samples on the engine; the engine is gone after a run ends, and after its trainer is killed outright.
 
 Without the vLLM environment these tests skip, unless REBELRL_REQUIRE_VLLM=1 (CI), which makes
 its absence a failure.
@@ -293,3 +293,25 @@ def test_lora_as_an_adapter_the_engine_applies(vllm_python, folder, tmp_path):
             assert _reply_gap(rollout, policy, 0.7).max() < 1e-3
     finally:
         server.stop()
+
+
+OTHER_ALGOS = {
+    "online_dpo": ["algo=online_dpo", "rollout.samples_per_prompt=4"],
+    "rloo": ["algo=rloo", "rollout.samples_per_prompt=4"],
+    "grpo": ["algo=grpo", "rollout.samples_per_prompt=4"],
+    "ppo": ["algo=ppo"],
+    "astar_po": ["algo=astar_po", "astar.ref_samples=2"],
+    "ppo_guide_rollout": ["algo=ppo", "guide.mode=rollout", "guide.prob=1.0"],
+}
+
+
+@pytest.mark.parametrize("algo", OTHER_ALGOS)
+def test_every_online_method_samples_on_the_engine(algo, vllm_python, folder, tmp_path, monkeypatch):
+    """One iteration of each other online method through the CLI with the engine sampling: log pi_t is
+    the trainer's, and the engine's replies are its policy's (the gap stays float rounding)."""
+    prompts = setup_task(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", *_vllm_args(folder), *OTHER_ALGOS[algo], "iterations=1",
+                 f"run_dir={run}"]) == 0
+    (row,) = read_jsonl(run / "metrics.jsonl")
+    assert row["old_logps_recomputed"] == 1.0 and row["vllm/logp_gap_max"] < 1e-3

@@ -83,7 +83,7 @@ class VLLMServer:
         port = _free_port()
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the server's own process
                "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
-               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false"}
         env.pop("PYTHONPATH", None)
         cmd = [str(python), "-I", str(SERVER), "--model", model, "--dtype", dtype, "--seed", str(seed), "--port", str(port),
                "--gpu-memory-utilization", f"{gpu_memory_utilization:g}", "--parent", str(os.getpid())]

@@ -315,3 +315,15 @@ def test_every_online_method_samples_on_the_engine(algo, vllm_python, folder, tm
                  f"run_dir={run}"]) == 0
     (row,) = read_jsonl(run / "metrics.jsonl")
     assert row["old_logps_recomputed"] == 1.0 and row["vllm/logp_gap_max"] < 1e-3
+
+
+def test_log_pi_t_settings_that_the_engine_would_ignore_are_refused(tmp_path, monkeypatch, capsys, folder):
+    prompts = setup_task(tmp_path, monkeypatch)
+    base = ["train", *TINY_ARGS, f"task.prompts={prompts}", f"model.name={folder}", f"run_dir={tmp_path / 'run'}"]
+    assert main([*base, "rollout.backend=vllm", "rollout.old_logprobs=sampler"]) == 2
+    assert "rollout.old_logprobs=sampler with rollout.backend=vllm" in capsys.readouterr().err
+    assert main([*base, "rollout.backend=vllm", "rollout.logprob_tolerance=0.01"]) == 2
+    assert "rollout.logprob_tolerance=0.01 decides when" in capsys.readouterr().err
+    assert main([*base, "rollout.old_logprobs=recompute", "rollout.logprob_tolerance=0.01"]) == 2
+    assert "with rollout.old_logprobs=recompute they never are" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -146,8 +146,6 @@ class Run:
         reset = ResetStates.load(cfg, tokenizer, stop_token_ids(tokenizer), task.train) if cfg.reset.data is not None else None
         _check_guide(cfg, tokenizer)
         vllm_python = find_vllm_python(cfg.rollout.vllm_python) if cfg.rollout.backend == "vllm" else None
-        if vllm_python is not None and torch.cuda.is_available() and (cfg.rollout.vllm_memory or 0) > 1:
-            raise ConfigError(f"rollout.vllm_memory={cfg.rollout.vllm_memory:g}: on a GPU it is the share of its memory the engine may take, in (0, 1]")
         if task.train_data is not None:  # every row fits the model's context, checked before any model loads
             check_data_lengths(task, tokenizer, model_context(cfg.model.name), cfg.sft.max_length if cfg.sft.packing else None)
             if cfg.algo == "alol":
@@ -165,14 +163,9 @@ class Run:
 
         r = cfg.rollout
         # The engine starts (about 100 s on a CPU) while the models load; it serves the policy's own weights from the first sample on.
-        engine = None
-        if vllm_python is not None:
-            on_gpu = torch.cuda.is_available()
-            engine = VLLMServer.start(vllm_python, resolve_model_path(cfg.model.name), cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype,
-                                      cfg.seed, run_dir / "vllm.log", r.vllm_start_timeout,
-                                      kv_cache_gb=2.0 if on_gpu or r.vllm_memory is None else r.vllm_memory,
-                                      gpu_memory_utilization=(r.vllm_memory or 0.3) if on_gpu else 0.3,
-                                      max_lora_rank=cfg.model.lora_r if r.vllm_lora == "adapter" else 0)
+        engine = VLLMServer.start(vllm_python, resolve_model_path(cfg.model.name), cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype,
+                                  cfg.seed, run_dir / "vllm.log", r.vllm_start_timeout, memory=r.vllm_memory,
+                                  max_lora_rank=cfg.model.lora_r if r.vllm_lora == "adapter" else 0) if vllm_python is not None else None
         policy, ref = (load_models or _load_models)(cfg, checkpoint)
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         budget_key = "eval.max_new_tokens" if eval_budget > r.max_new_tokens else "rollout.max_new_tokens"
@@ -204,7 +197,7 @@ class Run:
             eval_reward_fn=checked_reward(reward_fn, reward_name, lambda i: task.where("eval", i)) if reward_fn is not None else None,
             gold_reward_fn=_gold_reward(cfg, task),
             metrics_log=JsonlLogger(run_dir / "metrics.jsonl"), eval_log=JsonlLogger(run_dir / "eval.jsonl"),
-            recompute_old=engine is not None or _recompute_old(cfg, policy), critic=critic, processes=processes, reset=reset, guide=guide,
+            recompute_old=_recompute_old(cfg, policy), critic=critic, processes=processes, reset=reset, guide=guide,
             wrapped_policy=wrapped if wrapped is not policy else None,
             wrapped_critic=processes.prepare_module(critic) if critic is not None and processes.distributed else None,
         )
@@ -236,7 +229,8 @@ class Run:
         if rng is not None:
             set_rng_state(rng)
         self.start_iteration = state["iteration"]
-        self.recompute_old = state.get("recompute_old", self.recompute_old) or self.cfg.rollout.backend == "vllm"
+        # Once the sampler's record was found off, it stays distrusted; what the config rules out stays ruled out.
+        self.recompute_old = self.recompute_old or state.get("recompute_old", False)
         self.astar_values = dict(state.get("astar_values", {}))
         self.computed = {k: v.to(self.processes.device) for k, v in state.get("computed", {}).items()}
         if self.processes.is_main:
@@ -852,7 +846,10 @@ def _load_critic(cfg: TrainConfig, policy: torch.nn.Module, checkpoint: Path | N
 
 def _recompute_old(cfg: TrainConfig, policy: torch.nn.Module) -> bool:
     """``rollout.old_logprobs=auto``: the sampler's record is trusted only in float32, where it matches
-    the training forward to ~1e-4 nats a reply; in bfloat16/float16 it is off by ~0.2 nats a reply."""
+    the training forward to ~1e-4 nats a reply; in bfloat16/float16 it is off by ~0.2 nats a reply.
+    A vLLM engine's log-probs are never the trainer's: they are only compared with it."""
+    if cfg.rollout.backend == "vllm":
+        return True
     if cfg.rollout.old_logprobs != "auto":
         return cfg.rollout.old_logprobs == "recompute"
     return next(policy.parameters()).dtype != torch.float32

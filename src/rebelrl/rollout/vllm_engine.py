@@ -78,12 +78,17 @@ class VLLMServer:
 
     @classmethod
     def start(cls, python: Path, model: str, dtype: str, seed: int, log: Path, timeout: float = 900.0,
-              kv_cache_gb: float = 2.0, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
-              max_lora_rank: int = 0) -> VLLMServer:
+              memory: float | None = None, max_model_len: int | None = None, max_lora_rank: int = 0) -> VLLMServer:
+        """``memory`` (``rollout.vllm_memory``): the KV cache in GiB on a CPU (None: 2), the share of the
+        GPU's memory on a GPU (None: 0.3, the trainer shares it)."""
         port = _free_port()
+        on_gpu = torch.cuda.is_available()
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the server's own process
-               "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if not on_gpu:
+            env["VLLM_CPU_KVCACHE_SPACE"] = f"{memory or 2.0:g}"
+        # On a CPU vLLM reads this share as the part of the machine's memory it checks is free at the start.
+        gpu_memory_utilization = (memory or 0.3) if on_gpu else 0.3
         env.pop("PYTHONPATH", None)
         cmd = [str(python), "-I", str(SERVER), "--model", model, "--dtype", dtype, "--seed", str(seed), "--port", str(port),
                "--gpu-memory-utilization", f"{gpu_memory_utilization:g}", "--parent", str(os.getpid())]

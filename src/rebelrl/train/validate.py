@@ -314,6 +314,10 @@ def _guide_relations(cfg) -> None:
 
 def _backend_relations(cfg) -> None:
     r, default = cfg.rollout, type(cfg.rollout)()
+    if r.logprob_tolerance != default.logprob_tolerance and (r.backend == "vllm" or r.old_logprobs == "recompute"):
+        why = "rollout.backend=vllm" if r.backend == "vllm" else "rollout.old_logprobs=recompute"
+        raise ConfigError(f"rollout.logprob_tolerance={r.logprob_tolerance:g} decides when the sampler's log-probs stop being trusted: "
+                          f"with {why} they never are (log pi_t is always recomputed), so it would be ignored")
     if r.backend == "hf":
         changed = [f"rollout.{k}={getattr(r, k)}" for k in ("vllm_python", "vllm_dtype", "vllm_memory", "vllm_lora", "vllm_start_timeout")
                    if getattr(r, k) != getattr(default, k)]
@@ -325,6 +329,13 @@ def _backend_relations(cfg) -> None:
     if cfg.model.name == TINY_MODEL:
         raise ConfigError(f"rollout.backend=vllm: model.name={TINY_MODEL} is built in this process, so there is no folder for the engine to "
                           "load (and its head size of 16 is below the 32 vLLM's CPU attention takes): save a model and name its folder")
+    if r.old_logprobs == "sampler":
+        raise ConfigError("rollout.old_logprobs=sampler with rollout.backend=vllm: the engine's log-probs are never the trainer's "
+                          "(other kernels), so log pi_t is always recomputed; use auto or recompute")
+    import torch
+
+    if torch.cuda.is_available() and r.vllm_memory is not None and r.vllm_memory > 1:
+        raise ConfigError(f"rollout.vllm_memory={r.vllm_memory:g}: on a GPU it is the share of its memory the engine may take, in (0, 1]")
     if r.vllm_lora == "adapter" and cfg.model.lora_r == 0:
         raise ConfigError("rollout.vllm_lora=adapter loads a LoRA adapter into the engine: with model.lora_r=0 there is none, so it would be ignored")
     if any(cfg.algo in algos for algos in DATA_TASKS.values()):

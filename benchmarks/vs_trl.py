@@ -215,29 +215,29 @@ def versions() -> dict:
 def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False, vllm: str | None = None, lora: str | None = "") -> dict:
     """One REBEL run through rebelrl's own training loop; phases from its metrics.jsonl. The token
     counts come from an observer around ``collect`` (it returns the batch unchanged). With ``vllm``,
-    the engine's own peak memory is read before the run stops it (the child's peak RSS is the trainer's)."""
+    the engine's own peak memory and start time are read once training is over, before the engine is
+    stopped (the child's peak RSS is the trainer's)."""
     from rebelrl.algos import rebel
+    from rebelrl.rollout.vllm_engine import engines_of_this_block
 
     run_dir = workdir / f"rebelrl-{seed}"
     cfg = train_config(args, str(run_dir), seed, lean, vllm, lora)
-    rollouts, engine = [], {}
+    rollouts, seen, engine = [], {}, {}
     collect = rebel.collect
 
     def observed(run, prompts):
         batch = collect(run, prompts)
         r = batch.rollout
         rollouts.append({"prompt": r.prompt_mask.sum(1).tolist(), "completion": r.completion_mask.sum(1).tolist()})
-        if vllm:
-            engine.update(peak_rss_mb=run.generator.server.peak_rss_mb(), start_s=run.generator.server.start_seconds,
-                          sync_s=run.generator.sync_seconds[-1])
+        seen["generator"] = run.generator
         return batch
 
     rebel.collect = observed
-    rebel.train(cfg)
-    if vllm:
-        from rebelrl.rollout.vllm_engine import stop_engines
-
-        stop_engines()
+    with engines_of_this_block():
+        rebel.train(cfg)
+        if vllm:
+            server = seen["generator"].server
+            engine.update(peak_rss_mb=server.peak_rss_mb(), start_s=server.start_seconds)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = []
     for line, generation in zip(lines, rollouts, strict=True):
@@ -247,6 +247,7 @@ def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False, vllm: str 
         # record off and recomputed it (inside time/logprobs then, and flagged).
         records.append({**phases, "iteration": m["time/total"], "update": m["time/total"] - sum(phases.values()),
                         "logprobs_ref": None, "logprobs_old": 0.0, "old_recomputed": bool(m.get("old_logps_recomputed")),
+                        "vllm_sync": m.get("time/vllm_sync"),
                         "generations": [generation]})
     shutil.rmtree(run_dir, ignore_errors=True)  # the final checkpoint is ~2 GB
     return {"iterations": records, **({"engine": engine} if vllm else {})}
@@ -532,7 +533,8 @@ def summarise(runs: list[dict], machine: dict | None, warmup: int) -> dict:
         row["reply_tokens"] = statistics.mean(mean_reply(rec) for rec in kept)
         row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in mine)
         if all("engine" in r for r in mine):  # a vLLM engine beside the trainer: its memory counts too
-            row["engine"] = {key: max(r["engine"][key] for r in mine) for key in ("peak_rss_mb", "start_s", "sync_s")}
+            row["engine"] = {key: max(r["engine"][key] for r in mine) for key in ("peak_rss_mb", "start_s")}
+            row["engine"]["sync_s"] = statistics.median(rec["vllm_sync"] for rec in kept)
         row["kernel_s"] = statistics.median(r["kernel_s"] / len(r["iterations"]) for r in mine)
         row["iterations_measured"] = len(kept)
         row["old_recomputed_iterations"] = sum(bool(rec.get("old_recomputed")) for rec in kept)

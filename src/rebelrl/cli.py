@@ -173,13 +173,13 @@ def _train(cfg: TrainConfig) -> int:
 
     loops = {"rebel": rebel, "online_dpo": rebel, "refuel": refuel, "rloo": pg, "grpo": pg, "ppo": pg, "astar_po": pg,
              **{algo: offline for algo in OFFLINE_ALGOS}}
-    try:
+    if cfg.rollout.backend != "vllm":
         loops[cfg.algo].train(cfg)
-    finally:
-        if cfg.rollout.backend == "vllm":  # the engine never outlives its run, whether it ended, failed or was interrupted
-            from rebelrl.rollout.vllm_engine import stop_engines
+        return 0
+    from rebelrl.rollout.vllm_engine import engines_of_this_block
 
-            stop_engines()
+    with engines_of_this_block():  # the run's engine never outlives it, whether it ended, failed or was interrupted
+        loops[cfg.algo].train(cfg)
     return 0
 
 

@@ -194,6 +194,7 @@ def _vllm_args(folder: Path) -> list[str]:
 def test_rebel_trains_through_the_cli_on_the_engine(vllm_python, folder, tmp_path, monkeypatch, capsys):
     prompts = setup_task(tmp_path, monkeypatch)
     run = tmp_path / "run"
+    before = set(_engine_processes(os.getpid()))  # engines of other tests in this process (the module's) are theirs
     assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", *_vllm_args(folder), "iterations=3", f"run_dir={run}"]) == 0
     err = capsys.readouterr().err
     assert "rebelrl: sampling with vLLM (float32" in err
@@ -202,17 +203,18 @@ def test_rebel_trains_through_the_cli_on_the_engine(vllm_python, folder, tmp_pat
     for row in metrics:
         assert row["old_logps_recomputed"] == 1.0 and row["vllm/logp_gap_max"] < 1e-3 and row["time/vllm_sync"] > 0
         assert "sampler_dropped_mass" not in row  # the engine does not say: nothing is made up
-    assert (run / "vllm.log").exists() and not _engine_processes(os.getpid())
+    assert (run / "vllm.log").exists() and not set(_engine_processes(os.getpid())) - before
 
 
 def test_refuel_trains_through_the_cli_on_the_engine(vllm_python, folder, tmp_path, monkeypatch):
     setup_task(tmp_path, monkeypatch)
     run = tmp_path / "run"
+    before = set(_engine_processes(os.getpid()))
     assert main(["train", *REFUEL_ARGS, *_vllm_args(folder), "iterations=2", "eval.every=2", "checkpoint.every=2", f"run_dir={run}"]) == 0
     metrics = read_jsonl(run / "metrics.jsonl")
     assert len(metrics) == 2 and all(row["vllm/logp_gap_max"] < 1e-3 for row in metrics)
     assert json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["iteration"] == 2
-    assert not _engine_processes(os.getpid())
+    assert not set(_engine_processes(os.getpid())) - before
 
 
 def test_the_engine_is_gone_after_its_trainer_is_killed(vllm_python, folder, tmp_path, monkeypatch):
@@ -327,3 +329,31 @@ def test_log_pi_t_settings_that_the_engine_would_ignore_are_refused(tmp_path, mo
     assert main([*base, "rollout.old_logprobs=recompute", "rollout.logprob_tolerance=0.01"]) == 2
     assert "with rollout.old_logprobs=recompute they never are" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_rollout_batch_size_bounds_the_prompts_of_a_request(engine, folder):
+    """rollout.batch_size is the most prompts a request to the engine holds, as it is the most a
+    decoding batch of rebelrl's loop holds; the replies do not depend on it (greedy)."""
+    policy, tokenizer = _policy(folder), tiny_tokenizer()
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    whole = VLLMGenerator(engine, policy, tokenizer, batch_size=32).generate(PROMPTS, 2, greedy)
+    small = VLLMGenerator(engine, policy, tokenizer, batch_size=2)
+    sizes, post = [], engine.post
+
+    def counted(path, body, **kw):
+        if path == "/generate":
+            sizes.append(len(body["requests"]))
+        return post(path, body, **kw)
+
+    small.server = type("Counting", (), {"post": staticmethod(counted), "weights_dir": engine.weights_dir})()
+    assert torch.equal(small.generate(PROMPTS, 2, greedy).completion_ids, whole.completion_ids)
+    assert sizes == [4, 4, 4]  # 6 prompts x 2 replies, 2 prompts a request
+
+
+def test_a_run_stops_its_own_engine_and_no_other(engine, folder, tmp_path, monkeypatch):
+    """An engine started before a run (a notebook's, another run's in the same process) keeps serving
+    after the run ends; the run's own is gone."""
+    prompts = setup_task(tmp_path, monkeypatch)
+    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", *_vllm_args(folder), "iterations=1", f"run_dir={tmp_path / 'run'}"]) == 0
+    assert engine.process.poll() is None and engine.weights_dir.is_dir()
+    assert _engine_processes(os.getpid()) == [engine.process.pid]

@@ -399,7 +399,7 @@ class Run:
             "logp_mismatch_max": mismatch,
             "old_logps_recomputed": float(not old_from_sampler),
             **self.engine_gap,
-            **({"time/vllm_sync": sum(self.generator.sync_seconds[-1:])} if self.cfg.rollout.backend == "vllm" else {}),
+            **({"time/vllm_sync": self.generator.take_sync_seconds()} if self.cfg.rollout.backend == "vllm" else {}),
         }
 
     def end_iteration(self, iteration: int, metrics: dict, rollout=None) -> None:

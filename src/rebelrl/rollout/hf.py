@@ -32,7 +32,11 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Conversatio
     Returns:
         ids (B, P) and mask (B, P).
     """
-    ids = [encode_prompt(tokenizer, p) for p in prompts]  # message text never becomes control tokens
+    return left_pad(tokenizer, [encode_prompt(tokenizer, p) for p in prompts], device)  # message text never becomes control tokens
+
+
+def left_pad(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]], device=None):
+    """Token id lists -> ids (B, P) and mask (B, P), padded on the left."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)

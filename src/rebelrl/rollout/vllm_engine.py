@@ -22,6 +22,7 @@ vLLM pins an older transformers than rebelrl needs, so its engine runs in its ow
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ from rebelrl.errors import UserError
 from rebelrl.models import model_device
 from rebelrl.rollout.base import SamplingParams
 from rebelrl.rollout.chat import encode_prompt, stop_token_ids
-from rebelrl.rollout.hf import _forced_mask, encode_prompts, truncate_at_eos
+from rebelrl.rollout.hf import _forced_mask, left_pad, truncate_at_eos
 from rebelrl.types import Conversation, Rollout
 
 SERVER = Path(__file__).with_name("vllm_server.py")
@@ -187,9 +188,21 @@ class VLLMServer:
 
 
 def stop_engines() -> None:
-    """Stop every engine this process started (a run's end, failure or interrupt)."""
+    """Stop every engine this process started (at exit)."""
     for server in list(_RUNNING):
         server.stop()
+
+
+@contextlib.contextmanager
+def engines_of_this_block():
+    """Stop the engines started inside the block when it ends, fails or is interrupted (a run's), and no
+    other: an engine the caller started before is the caller's."""
+    before = list(_RUNNING)
+    try:
+        yield
+    finally:
+        for server in [s for s in _RUNNING if s not in before]:
+            server.stop()
 
 
 atexit.register(stop_engines)
@@ -234,6 +247,13 @@ class VLLMGenerator:
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.stale = True  # the engine starts from the checkpoint on disk: the policy's own weights go first
         self.sync_seconds: list[float] = []
+        self._reported = 0  # sync_seconds already handed to take_sync_seconds
+
+    def take_sync_seconds(self) -> float:
+        """Seconds spent loading weights into the engine since the last call (an iteration's, whether
+        its rollout or the evaluation before it paid them)."""
+        seconds, self._reported = sum(self.sync_seconds[self._reported :]), len(self.sync_seconds)
+        return seconds
 
     def mark_stale(self) -> None:
         """The policy changed (an optimizer step, a restored checkpoint): push it before the next sample."""
@@ -264,7 +284,8 @@ class VLLMGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[Conversation], n: int, params: SamplingParams, seeds: list[int] | None = None,
                  prefixes: list[list[int]] | None = None) -> Rollout:
-        """As ``HFGenerator.generate``; ``seeds``: one a prompt, whose ``n`` replies take seeds derived from it."""
+        """As ``HFGenerator.generate``; ``seeds``: one a prompt, whose ``n`` replies take seeds derived from it.
+        The engine is sent ``batch_size`` prompts (``rollout.batch_size``) a request."""
         for name, values in (("seeds", seeds), ("prefixes", prefixes)):
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"{name}: one a prompt, got {len(values)} for {len(prompts)} prompts")
@@ -280,9 +301,9 @@ class VLLMGenerator:
         else:
             reply_seeds = [(int(s) * 1_000_003 + j) % 2**62 for s in seeds for j in range(n)]
         top_k = params.top_k if params.top_k > 0 else -1
+        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]  # message text never becomes control tokens
         requests, rows = [], []
-        for i, prompt in enumerate(prompts):
-            ids = encode_prompt(self.tokenizer, prompt)
+        for i, ids in enumerate(prompt_ids):
             prefix = list(prefixes[i]) if prefixes is not None else []
             whole = bool(prefix) and (prefix[-1] in self.stop_ids or len(prefix) >= params.max_new_tokens)
             for j in range(n):
@@ -295,7 +316,9 @@ class VLLMGenerator:
                     "top_p": params.top_p, "top_k": top_k, "repetition_penalty": params.repetition_penalty,
                     "stop": self.stop_ids, "seed": reply_seeds[i * n + j],
                 })
-        outputs = self.server.post("/generate", {"requests": requests})["outputs"] if requests else []
+        per_call = self.batch_size * n
+        outputs = [out for start in range(0, len(requests), per_call)
+                   for out in self.server.post("/generate", {"requests": requests[start : start + per_call]})["outputs"]]
         tokens: list[list[int]] = [list(prefixes[r // n]) if prefixes is not None else [] for r in range(N)]
         logps: list[list[float]] = [[0.0] * len(t) for t in tokens]  # forced tokens: nothing was drawn
         for row, out in zip(rows, outputs):
@@ -312,7 +335,7 @@ class VLLMGenerator:
         T = completion_ids.shape[1]
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         ended = finished.tolist()
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, device)
+        prompt_ids, prompt_mask = left_pad(self.tokenizer, prompt_ids, device)
         return Rollout(
             conversations=[p.with_reply(texts[i * n + j], finished=ended[i * n + j]) for i, p in enumerate(prompts) for j in range(n)],
             prompt_ids=prompt_ids.repeat_interleave(n, dim=0),

@@ -10,7 +10,8 @@ interrupted, and it stops itself if the process that started it is gone (even ki
     GET  /health     {"model", "dtype", "max_model_len", "peak_rss_mb"} once the engine is up
     POST /generate   {"requests": [{"prompt": [ids], "max_tokens", "min_tokens", "temperature", "top_p",
                       "top_k", "repetition_penalty", "stop", "seed"}, ...]}
-                     -> {"outputs": [{"tokens": [ids], "logprobs": [floats], "stopped": bool}, ...]}
+                     -> {"outputs": [{"tokens": [ids], "logprobs": [floats]}, ...]} (a reply that stopped
+                     ends with its stop token)
     POST /weights    {"path": "file.safetensors"}: load these weights (Hugging Face names) into the
                      engine, in place, and drop every cached prefix computed with the old ones
     POST /adapter    {"path": "folder"}: a PEFT LoRA adapter (--max-lora-rank): loaded now, in place of
@@ -89,7 +90,7 @@ class Engine:
             c = out.outputs[0]
             tokens = list(c.token_ids)
             logprobs = [step[token].logprob for step, token in zip(c.logprobs, tokens)]
-            results.append({"tokens": tokens, "logprobs": logprobs, "stopped": c.finish_reason == "stop"})
+            results.append({"tokens": tokens, "logprobs": logprobs})
         return results
 
     def load_adapter(self, path: str) -> None:
@@ -168,7 +169,9 @@ def _watch_parent(pid: int) -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            os.killpg(os.getpgrp(), signal.SIGKILL) if os.getpgrp() == os.getpid() else os._exit(1)
+            if os.getpgrp() == os.getpid():  # started in a session of its own: whatever the engine started goes too
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            os._exit(1)
 
 
 def main() -> None:

@@ -184,18 +184,24 @@ class Processes:
             return None
         return self.accelerator.get_state_dict(learner)
 
+    @property
+    def _fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.distributed and self.accelerator.distributed_type == DistributedType.FSDP
+
     def optimizer_state(self, learner: torch.nn.Module, optimizer) -> dict:
-        """The optimizer's state to save: under FSDP2 each process holds the moments of its shards
-        only, so they are gathered into the whole model's (every process calls this; the main one saves it)."""
-        if not self.accelerator or not self.accelerator.is_fsdp2:
+        """The optimizer's state to save: under FSDP (1 or 2) each process holds the moments of its
+        shards only, so they are gathered into the whole model's (every process calls this; the main one saves it)."""
+        if not self._fsdp:
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(learner, _unwrapped(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_optimizer_state(self, learner: torch.nn.Module, optimizer, state: dict) -> None:
-        """The saved optimizer state back into the optimizer; under FSDP2 each process keeps its shards of it."""
-        if not self.accelerator or not self.accelerator.is_fsdp2:
+        """The saved optimizer state back into the optimizer; under FSDP each process keeps its shards of it."""
+        if not self._fsdp:
             optimizer.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

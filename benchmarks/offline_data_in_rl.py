@@ -59,6 +59,7 @@ def write_data(out: Path, args) -> dict[str, Path]:
     """The reference replies and the noisy set, for the task's own training and held-out prompts."""
     from rebelrl.config import load_config
     from rebelrl.envs.tasks import build_task
+    from rebelrl.train.checkpoint import write_atomic
     from rebelrl.train.config import TrainConfig
 
     files = {name: out / f"{name}.jsonl" for name in ("reference", "reference_eval", "noisy", "noisy_pairs", "noisy_pairs_eval")}
@@ -83,8 +84,8 @@ def write_data(out: Path, args) -> dict[str, Path]:
 
     content = {"reference": rows(task.train, False, False), "reference_eval": rows(task.eval, False, False), "noisy": rows(task.train, True, False),
                "noisy_pairs": rows(task.train, True, True), "noisy_pairs_eval": rows(task.eval, True, True)}
-    for name, path in files.items():
-        path.write_text("".join(json.dumps(r) + "\n" for r in content[name]))
+    for name, path in files.items():  # whole files or none: a second job started beside this one reads them back or writes the same
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in content[name]))
     return files
 
 
@@ -176,7 +177,8 @@ def report(out: Path, claims: dict[str, dict], args, walls: dict, guide_eval: li
             ax.plot(*zip(*mean_curve(curves)), "o-", label=name)
         ax.set_xlabel(label)
         ax.set_ylabel("held-out reward (share right)")
-        ax.set_title(f"{TITLES[claim]} (mean over {len(args.seeds)} seeds)", fontsize=10)
+        seeds = f"mean over {len(args.seeds)} seeds" if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
+        ax.set_title(f"{TITLES[claim]} ({seeds})", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / f"{claim}.png", dpi=120)
@@ -193,7 +195,7 @@ def run_name(claim: str, method: str, seed: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/data-in-rl")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--claims", nargs="+", choices=CLAIMS, default=list(CLAIMS))
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of each claim's methods")
     parser.add_argument("--digits", type=int, default=2, help="chain sums of two terms of N digits each")

@@ -13,7 +13,7 @@ no gradient accumulation), no gradient checkpointing (TRL's default turns it on)
 and ``free_memory=at_once`` (its update floor below still counts 3 forwards; checkpointing spends a
 fourth on purpose, and returning memory at once costs page faults). ``rebelrl-vllm`` and
 ``rebelrl-vllm-bf16`` are rebelrl with ``rollout.backend=vllm`` (the engine of scripts/setup_vllm.sh, in
-float32 or bfloat16; the trainer stays in float32): their rollout holds loading the policy's weights into
+float32 or bfloat16; the trainer stays in float32; ``rebelrl-vllm-eager``: float32, the engine not compiled): their rollout holds loading the policy's weights into
 the engine and its sampling, their log-probs the recomputed log pi_t, and the engine's memory and start
 are reported beside the trainer's. ``rebelrl-lora``, ``rebelrl-vllm-lora`` and
 ``rebelrl-vllm-lora-adapter`` train a LoRA of rank 16 on every linear layer (lr 1e-4), sampled by
@@ -95,11 +95,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-METHODS = ("rebelrl", "rebelrl-lean", "rebelrl-vllm", "rebelrl-vllm-bf16", "rebelrl-lora", "rebelrl-vllm-lora", "rebelrl-vllm-lora-adapter",
-           "trl-grpo", "trl-rloo")
+METHODS = ("rebelrl", "rebelrl-lean", "rebelrl-vllm", "rebelrl-vllm-bf16", "rebelrl-vllm-eager", "rebelrl-lora", "rebelrl-vllm-lora",
+           "rebelrl-vllm-lora-adapter", "trl-grpo", "trl-rloo")
+DEFAULT_METHODS = ("rebelrl", "rebelrl-lean", "trl-grpo", "trl-rloo")  # the vLLM and LoRA rows are asked for by name
 # rollout.backend=vllm (the engine in .venv-vllm, scripts/setup_vllm.sh): its dtype, the trainer's stays float32
-VLLM_METHODS = {"rebelrl-vllm": "float32", "rebelrl-vllm-bf16": "bfloat16", "rebelrl-vllm-lora": "float32", "rebelrl-vllm-lora-adapter": "float32"}
+VLLM_METHODS = {"rebelrl-vllm": "float32", "rebelrl-vllm-bf16": "bfloat16", "rebelrl-vllm-eager": "float32", "rebelrl-vllm-lora": "float32", "rebelrl-vllm-lora-adapter": "float32"}
 # LoRA of rank 16 on every linear layer (model.lora_r=16); the vLLM engine gets it merged or as an adapter
+EAGER_METHODS = {"rebelrl-vllm-eager"}  # rollout.vllm_eager: the engine uncompiled
 LORA_METHODS = {"rebelrl-lora": None, "rebelrl-vllm-lora": "merged", "rebelrl-vllm-lora-adapter": "adapter"}
 PHASES = ("rollout", "score", "logprobs", "update")
 TRL_TESTED = "1.16"  # the release whose private methods the phase timers wrap
@@ -111,13 +113,14 @@ COPY_BYTES = 512 * 2**20
 # --- the shared workload ---------------------------------------------------------------------
 
 
-def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False, vllm: str | None = None, lora: str | None = "") -> list[str]:
+def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False, vllm: str | None = None, lora: str | None = "",
+                    eager: bool = False) -> list[str]:
     """rebelrl's config for the workload, as ``rebelrl train`` overrides; ``lean``: the lean mode
     (activation checkpointing, freed memory returned at once, the same micro-batch of 16 pairs);
-    ``vllm``: sampling by a vLLM engine in this dtype."""
+    ``vllm``: sampling by a vLLM engine in this dtype (``eager``: uncompiled)."""
     p, budget = args.prompts, args.max_new_tokens
     return [*(["model.activation_checkpointing=true", "free_memory=at_once"] if lean else []),
-        *(["rollout.backend=vllm", f"rollout.vllm_dtype={vllm}"] if vllm else []),
+        *(["rollout.backend=vllm", f"rollout.vllm_dtype={vllm}"] if vllm else []), *(["rollout.vllm_eager=true"] if eager else []),
         *(["model.lora_r=16", "model.lora_target_modules=all-linear", "optim.lr=1e-4"] if lora != "" else []),
         *([f"rollout.vllm_lora={lora}"] if lora else []),
         "algo=rebel", f"run_dir={run_dir}", f"iterations={args.iterations}", f"seed={seed}", f"threads={args.threads}",
@@ -136,11 +139,11 @@ def rebel_overrides(args, run_dir: str, seed: int, lean: bool = False, vllm: str
     ]
 
 
-def train_config(args, run_dir: str, seed: int, lean: bool = False, vllm: str | None = None, lora: str | None = ""):
+def train_config(args, run_dir: str, seed: int, lean: bool = False, vllm: str | None = None, lora: str | None = "", eager: bool = False):
     from rebelrl.config import load_config
     from rebelrl.train.config import TrainConfig
 
-    return load_config(TrainConfig, None, rebel_overrides(args, run_dir, seed, lean, vllm, lora))
+    return load_config(TrainConfig, None, rebel_overrides(args, run_dir, seed, lean, vllm, lora, eager))
 
 
 def iteration_prompts(cfg) -> list[list]:
@@ -212,7 +215,8 @@ def versions() -> dict:
 # --- the measured children -----------------------------------------------------------------------
 
 
-def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False, vllm: str | None = None, lora: str | None = "") -> dict:
+def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False, vllm: str | None = None, lora: str | None = "",
+                  eager: bool = False) -> dict:
     """One REBEL run through rebelrl's own training loop; phases from its metrics.jsonl. The token
     counts come from an observer around ``collect`` (it returns the batch unchanged). With ``vllm``,
     the engine's own peak memory and start time are read once training is over, before the engine is
@@ -221,7 +225,7 @@ def child_rebelrl(args, seed: int, workdir: Path, lean: bool = False, vllm: str 
     from rebelrl.rollout.vllm_engine import engines_of_this_block
 
     run_dir = workdir / f"rebelrl-{seed}"
-    cfg = train_config(args, str(run_dir), seed, lean, vllm, lora)
+    cfg = train_config(args, str(run_dir), seed, lean, vllm, lora, eager)
     rollouts, seen, engine = [], {}, {}
     collect = rebel.collect
 
@@ -437,7 +441,7 @@ def run_child(args) -> None:
         result = child_floor(args)
     elif args.child.startswith("rebelrl"):
         result = child_rebelrl(args, seed, workdir, lean=args.child == "rebelrl-lean", vllm=VLLM_METHODS.get(args.child),
-                               lora=LORA_METHODS.get(args.child, ""))
+                               lora=LORA_METHODS.get(args.child, ""), eager=args.child in EAGER_METHODS)
     else:
         result = child_trl(args.child, args, seed, workdir)
     Path(args.child_out).write_text(json.dumps({**result, "versions": versions()}))
@@ -617,7 +621,7 @@ def check_trl(methods: list[str]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method, alternating (default 3)")
     parser.add_argument("--iterations", type=int, default=6, help="iterations (optimizer steps) a run (default 6)")
     parser.add_argument("--warmup", type=int, help="first iterations of each run left out of the medians (default 2, or 1 for 2 iterations)")

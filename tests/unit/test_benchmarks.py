@@ -39,5 +39,8 @@ def test_the_vllm_and_lora_rows_configure_what_they_name(monkeypatch):
     assert (bf16.rollout.backend, bf16.rollout.vllm_dtype, bf16.model.dtype, bf16.model.lora_r) == ("vllm", "bfloat16", "float32", 0)
     adapter = vs_trl.train_config(args, "unused", 0, vllm="float32", lora=vs_trl.LORA_METHODS["rebelrl-vllm-lora-adapter"])
     assert (adapter.model.lora_r, adapter.rollout.vllm_lora) == (16, "adapter")
+    eager = vs_trl.train_config(args, "unused", 0, vllm=vs_trl.VLLM_METHODS["rebelrl-vllm-eager"], eager=True)
+    assert (eager.rollout.vllm_dtype, eager.rollout.vllm_eager, bf16.rollout.vllm_eager) == ("float32", True, False)
+    assert args.methods == ["rebelrl", "rebelrl-lean", "trl-grpo", "trl-rloo"]  # as the docstring says
     plain_lora = vs_trl.train_config(args, "unused", 0, lora=vs_trl.LORA_METHODS["rebelrl-lora"])
     assert (plain_lora.model.lora_r, plain_lora.rollout.backend) == (16, "hf")

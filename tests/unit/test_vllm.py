@@ -197,7 +197,7 @@ def test_rebel_trains_through_the_cli_on_the_engine(vllm_python, folder, tmp_pat
     before = set(_engine_processes(os.getpid()))  # engines of other tests in this process (the module's) are theirs
     assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", *_vllm_args(folder), "iterations=3", f"run_dir={run}"]) == 0
     err = capsys.readouterr().err
-    assert "rebelrl: sampling with vLLM (float32" in err
+    assert "rebelrl: sampling with vLLM (float32, compiled" in err
     metrics = read_jsonl(run / "metrics.jsonl")
     assert len(metrics) == 3
     for row in metrics:
@@ -273,6 +273,8 @@ def test_settings_of_the_engine_are_refused_without_it(tmp_path, monkeypatch, ca
     prompts = setup_task(tmp_path, monkeypatch)
     assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", "rollout.vllm_dtype=bfloat16", f"run_dir={tmp_path / 'run'}"]) == 2
     assert "rollout.vllm_dtype=bfloat16 is read only with rollout.backend=vllm" in capsys.readouterr().err
+    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", "rollout.vllm_eager=true", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "rollout.vllm_eager=True is read only with rollout.backend=vllm" in capsys.readouterr().err
     assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", "rollout.backend=vllm", f"run_dir={tmp_path / 'run'}"]) == 2
     assert "model.name=tiny-random" in capsys.readouterr().err
 
@@ -305,16 +307,21 @@ OTHER_ALGOS = {
     "astar_po": ["algo=astar_po", "astar.ref_samples=2"],
     "ppo_guide_rollout": ["algo=ppo", "guide.mode=rollout", "guide.prob=1.0"],
 }
+EAGER = {"rloo", "ppo"}  # these start the engine without compiling it (rollout.vllm_eager)
 
 
 @pytest.mark.parametrize("algo", OTHER_ALGOS)
-def test_every_online_method_samples_on_the_engine(algo, vllm_python, folder, tmp_path, monkeypatch):
+def test_every_online_method_samples_on_the_engine(algo, vllm_python, folder, tmp_path, monkeypatch, capsys):
     """One iteration of each other online method through the CLI with the engine sampling: log pi_t is
-    the trainer's, and the engine's replies are its policy's (the gap stays float rounding)."""
+    the trainer's, and the engine's replies are its policy's (the gap stays float rounding), compiled or
+    eager."""
     prompts = setup_task(tmp_path, monkeypatch)
     run = tmp_path / "run"
-    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", *_vllm_args(folder), *OTHER_ALGOS[algo], "iterations=1",
+    eager = ["rollout.vllm_eager=true"] if algo in EAGER else []
+    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", *_vllm_args(folder), *OTHER_ALGOS[algo], *eager, "iterations=1",
                  f"run_dir={run}"]) == 0
+    assert f"rebelrl: sampling with vLLM (float32, {'eager' if eager else 'compiled'}," in capsys.readouterr().err
+    assert f"enforce_eager={bool(eager)}" in (run / "vllm.log").read_text()  # vLLM's own account of its settings
     (row,) = read_jsonl(run / "metrics.jsonl")
     assert row["old_logps_recomputed"] == 1.0 and row["vllm/logp_gap_max"] < 1e-3
 

@@ -165,7 +165,7 @@ class Run:
         # The engine starts (about 100 s on a CPU) while the models load; it serves the policy's own weights from the first sample on.
         engine = VLLMServer.start(vllm_python, resolve_model_path(cfg.model.name), cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype,
                                   cfg.seed, run_dir / "vllm.log", r.vllm_start_timeout, memory=r.vllm_memory,
-                                  max_lora_rank=cfg.model.lora_r if r.vllm_lora == "adapter" else 0) if vllm_python is not None else None
+                                  max_lora_rank=cfg.model.lora_r if r.vllm_lora == "adapter" else 0, eager=r.vllm_eager) if vllm_python is not None else None
         policy, ref = (load_models or _load_models)(cfg, checkpoint)
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         budget_key = "eval.max_new_tokens" if eval_budget > r.max_new_tokens else "rollout.max_new_tokens"
@@ -207,7 +207,9 @@ class Run:
             run.say(f"rebelrl: replies end at token {stops}; log pi_t from {source}")
             if engine is not None:
                 info = engine.wait()
-                run.say(f"rebelrl: sampling with vLLM ({info['dtype']}, log: {engine.log}); the policy's weights are loaded into it after every update")
+                mode = "eager" if info["eager"] else "compiled"
+                run.say(f"rebelrl: sampling with vLLM ({info['dtype']}, {mode}, log: {engine.log}); "
+                        "the policy's weights are loaded into it after every update")
             if not sampling.exact:
                 run.say("rebelrl: top-p, top-k, repetition penalty or min_new_tokens make the sampler differ from pi_t, "
                         "the softmax the log-probs describe (sampler_dropped_mass in metrics.jsonl)")

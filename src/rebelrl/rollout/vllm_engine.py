@@ -79,9 +79,10 @@ class VLLMServer:
 
     @classmethod
     def start(cls, python: Path, model: str, dtype: str, seed: int, log: Path, timeout: float = 900.0,
-              memory: float | None = None, max_model_len: int | None = None, max_lora_rank: int = 0) -> VLLMServer:
+              memory: float | None = None, max_model_len: int | None = None, max_lora_rank: int = 0, eager: bool = False) -> VLLMServer:
         """``memory`` (``rollout.vllm_memory``): the KV cache in GiB on a CPU (None: 2), the share of the
-        GPU's memory on a GPU (None: 0.3, the trainer shares it)."""
+        GPU's memory on a GPU (None: 0.3, the trainer shares it); ``eager`` (``rollout.vllm_eager``): no
+        compilation nor graph capture."""
         port = _free_port()
         on_gpu = torch.cuda.is_available()
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the server's own process
@@ -97,6 +98,8 @@ class VLLMServer:
             cmd += ["--max-model-len", str(max_model_len)]
         if max_lora_rank:
             cmd += ["--max-lora-rank", str(max_lora_rank)]
+        if eager:
+            cmd.append("--eager")
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)

@@ -70,7 +70,8 @@ class Engine:
         )
         self.adapter = None  # the LoRARequest every request carries (rollout.vllm_lora=adapter)
         self.info = {"model": args.model, "dtype": str(self.llm.llm_engine.model_config.dtype).replace("torch.", ""),
-                     "max_model_len": self.llm.llm_engine.model_config.max_model_len}
+                     "max_model_len": self.llm.llm_engine.model_config.max_model_len,
+                     "eager": bool(self.llm.llm_engine.model_config.enforce_eager)}
 
     def generate(self, requests: list[dict]) -> list[dict]:
         from vllm import SamplingParams

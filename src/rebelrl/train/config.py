@@ -111,6 +111,8 @@ class RolloutConfig:
     vllm_lora: Literal["merged", "adapter"] = field("merged", "rollout.backend=vllm with model.lora_r > 0: the adapter merged into the "
                                                     "weights loaded into the engine, or loaded as an adapter the engine applies")
     vllm_start_timeout: float = field(900.0, "rollout.backend=vllm: seconds the engine may take to start (about 100 s on a 2-core CPU)")
+    vllm_eager: bool = field(False, "rollout.backend=vllm: run the engine's model eagerly, without compiling it or capturing graphs: "
+                                    "it starts sooner and decodes slower, which suits short runs")
 
 
 @dataclass

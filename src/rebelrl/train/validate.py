@@ -319,7 +319,8 @@ def _backend_relations(cfg) -> None:
         raise ConfigError(f"rollout.logprob_tolerance={r.logprob_tolerance:g} decides when the sampler's log-probs stop being trusted: "
                           f"with {why} they never are (log pi_t is always recomputed), so it would be ignored")
     if r.backend == "hf":
-        changed = [f"rollout.{k}={getattr(r, k)}" for k in ("vllm_python", "vllm_dtype", "vllm_memory", "vllm_lora", "vllm_start_timeout")
+        changed = [f"rollout.{k}={getattr(r, k)}" for k in ("vllm_python", "vllm_dtype", "vllm_memory", "vllm_lora", "vllm_start_timeout",
+                                                          "vllm_eager")
                    if getattr(r, k) != getattr(default, k)]
         if changed:
             raise ConfigError(f"{', '.join(changed)} is read only with rollout.backend=vllm: it would be ignored")

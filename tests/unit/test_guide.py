@@ -153,3 +153,32 @@ def test_rollout_keeps_the_policys_sampler_dropped_mass_on_its_own_tokens():
     rollout, _ = guided_rollout(guide, HFGenerator(policy, tokenizer, 4), prompts, 2, params, 1, _policy_logps(policy))
     assert (rollout.dropped_mass[rollout.policy_mask.bool()] > 0).all()
     assert (rollout.dropped_mass[rollout.forced.bool()] == 0).all()
+
+
+def test_rollout_leaves_unguided_prompts_to_the_policy_and_the_guide_sees_only_its_own():
+    """guide.prob < 1: a prompt the draw leaves unguided keeps the policy's replies, token for token,
+    with nothing forced; the guide is asked to continue the guided prompts' replies alone."""
+    tokenizer, policy, guide_model = _models()
+    prompts = [Conversation.from_prompt(p) for p in ("say hello", "go on", "xyz", "why", "a b c", "ok then")]
+    guide = Guide(HFGenerator(guide_model, tokenizer, 4), PARAMS, "rollout", 0.5, None, 0)
+    torch.manual_seed(0)
+    draws = torch.rand(len(prompts), 2, dtype=torch.float64).tolist()  # the draws guided_rollout makes first
+    own = HFGenerator(policy, tokenizer, 4).generate(prompts, 2, PARAMS)
+    lengths = own.completion_mask.sum(1).view(-1, 2).min(1).values.tolist()
+    rolled_out = [b for b, (u, _) in enumerate(draws) if u < 0.5 and lengths[b] >= 2]
+    assert 0 < len(rolled_out) < len(prompts)  # the seed gives both kinds
+    asked = []
+    generate = guide.generator.generate
+    guide.generator.generate = lambda rows, *a, **k: asked.append(len(rows)) or generate(rows, *a, **k)
+    torch.manual_seed(0)
+    rollout, metrics = guided_rollout(guide, HFGenerator(policy, tokenizer, 4), prompts, 2, PARAMS, 1, _policy_logps(policy))
+    assert asked == [2 * len(rolled_out)] and metrics["guide/completions"] == 2 * len(rolled_out)
+    for row in range(12):
+        if row // 2 in rolled_out:
+            assert rollout.forced[row].sum() > 0
+            continue
+        T = int(own.completion_mask[row].sum())
+        assert rollout.forced[row].sum() == 0 and int(rollout.completion_mask[row].sum()) == T
+        assert rollout.completion_ids[row, :T].tolist() == own.completion_ids[row, :T].tolist()
+        assert rollout.conversations[row].messages[-1] == own.conversations[row].messages[-1]
+    torch.testing.assert_close(rollout.sample_logps, rollout_logprobs(policy, rollout, 1.0), atol=1e-5, rtol=0)

@@ -73,23 +73,32 @@ def guided_rollout(guide: Guide, policy, prompts: list[Conversation], n: int, pa
                          "guide/completions": float(len(chosen)), "guide/tokens": float(tokens)}
     own = policy.generate(prompts, n, params)
     lengths = own.completion_mask.sum(1).view(-1, n)  # (B, n)
-    ids = own.completion_ids.tolist()
-    prefixes, rewritten = [], 0
-    for b, (u, v) in enumerate(draws):
-        k = cut_point(v, int(lengths[b].min())) if u < guide.prob else 0  # one k for the prompt's replies
-        rewritten += k > 0
-        for j in range(n):
-            keep = k or int(lengths[b, j])  # not rolled out: the policy's whole reply, to which the guide adds nothing
-            prefixes.append(ids[b * n + j][:keep])
-    rows = [c for c in prompts for _ in range(n)]
-    finished = guide.generator.generate(rows, 1, guide.params, prefixes=prefixes)
-    mine = finished.forced  # the policy's tokens, which the guide was forced through
-    dropped = None
+    cuts = [cut_point(v, int(lengths[b].min())) if u < guide.prob else 0 for b, (u, v) in enumerate(draws)]  # one k a prompt
+    rows = [b * n + j for b, k in enumerate(cuts) if k for j in range(n)]  # the replies the guide rewrites; it sees no other
+    own_ids = own.completion_ids.tolist()
+    ids, mask, done = own.completion_ids, own.completion_mask, own.finished
+    forced, conversations = torch.zeros_like(mask), list(own.conversations)
+    if rows:
+        finished = guide.generator.generate([prompts[r // n] for r in rows], 1, guide.params,
+                                            prefixes=[own_ids[r][: cuts[r // n]] for r in rows])
+        T = max(mask.shape[1], finished.completion_mask.shape[1])
+
+        def widen(t: torch.Tensor, value: int = 0) -> torch.Tensor:  # (N, T') -> (N, T), padded on the right
+            return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
+
+        pad = guide.generator.tokenizer.pad_token_id
+        ids, mask, forced, done = widen(ids, pad), widen(mask), widen(forced), done.clone()
+        at = torch.tensor(rows, device=ids.device)
+        ids[at] = widen(finished.completion_ids, pad).to(ids.device)
+        mask[at] = widen(finished.completion_mask).to(ids.device)
+        forced[at] = widen(finished.completion_mask * (1 - finished.forced)).to(ids.device)  # the guide's tokens
+        done[at] = finished.finished.to(done.device)
+        for i, r in enumerate(rows):
+            conversations[r] = finished.conversations[i]
+    rollout = replace(own, conversations=conversations, completion_ids=ids, completion_mask=mask, finished=done, forced=forced)
     if own.dropped_mass is not None:  # what the policy's sampler removed, on the tokens it drew (none on the guide's)
-        T = finished.completion_ids.shape[1]
-        dropped = torch.nn.functional.pad(own.dropped_mass, (0, max(0, T - own.dropped_mass.shape[1])))[:, :T] * mine
-    rollout = replace(finished, group_size=n, forced=finished.completion_mask * (1 - mine), dropped_mass=dropped)
+        rollout.dropped_mass = torch.nn.functional.pad(own.dropped_mass, (0, mask.shape[1] - own.dropped_mass.shape[1])) * rollout.policy_mask
     # log pi_t of every token is the policy's: where the guide wrote, its own record is the guide's.
     rollout.sample_logps = policy_logps(rollout) * rollout.completion_mask
-    return rollout, {"guide/rollin": 0.0, "guide/frac": rewritten / max(len(prompts), 1), "guide/completions": float(rewritten * n),
+    return rollout, {"guide/rollin": 0.0, "guide/frac": len(rows) / n / max(len(prompts), 1), "guide/completions": float(len(rows)),
                      "guide/tokens": float(rollout.forced.sum().item())}

@@ -9,7 +9,9 @@ that both the trainer and the engine load. Against rebelrl's own decoding loop o
   far off), and with LoRA merged;
 - the sampler is mapped exactly (seeds, top-k, min tokens, the stop token);
 - REBEL and REFUEL train through the CLI, and every other online method (and a guide rolling out)
-  samples on the engine; the engine is gone after a run ends, and after its trainer is killed outright.
+  samples on the engine; the engine is gone after a run ends, and after its trainer is killed outright;
+- two training processes share one engine: the one that does not load the weights waits until the
+  engine serves its policy's version.
 
 Without the vLLM environment these tests skip, unless REBELRL_REQUIRE_VLLM=1 (CI), which makes
 its absence a failure.
@@ -35,7 +37,8 @@ from rebelrl.models import apply_lora, tiny_model_config, tiny_tokenizer
 from rebelrl.rollout import HFGenerator, SamplingParams
 from rebelrl.rollout.vllm_engine import EngineError, VLLMGenerator, VLLMServer, engine_state_dict, find_vllm_python
 from rebelrl.types import Conversation
-from tests.tiny_run import REFUEL_ARGS, TINY_ARGS, read_jsonl, setup_task
+from tests.tiny_run import PROMPTS as TINY_PROMPTS
+from tests.tiny_run import REFUEL_ARGS, RULE_MODULE, TINY_ARGS, read_jsonl, setup_task
 
 
 def _vllm_python() -> Path | None:
@@ -364,3 +367,90 @@ def test_a_run_stops_its_own_engine_and_no_other(engine, folder, tmp_path, monke
     assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", *_vllm_args(folder), "iterations=1", f"run_dir={tmp_path / 'run'}"]) == 0
     assert engine.process.poll() is None and engine.weights_dir.is_dir()
     assert _engine_processes(os.getpid()) == [engine.process.pid]
+
+
+def test_a_process_that_does_not_load_waits_for_the_policy_version_it_holds(engine, folder):
+    """Two generators on one engine, as two training processes share it: the one that does not load
+    waits until the engine serves its version of the policy, and samples from it (log-probs within
+    1e-3 of its trainer's); an engine ahead of it is an error, not a silent off-policy sample."""
+    import threading
+
+    policy, other, tokenizer = _policy(folder), _policy(folder), tiny_tokenizer()
+    main_process = VLLMGenerator(engine, policy, tokenizer)
+    waiting = VLLMGenerator(engine, other, tokenizer, loads=False)
+    params = SamplingParams(temperature=0.7, max_new_tokens=12)
+    main_process.generate(PROMPTS, 1, params)  # version 0: the policy's own weights
+    assert _reply_gap(waiting.generate(PROMPTS, 1, params), other, 0.7).max() < 1e-3
+    with torch.no_grad():  # the same step in both processes
+        for p, q in zip(policy.parameters(), other.parameters()):
+            noise = torch.randn_like(p) * 0.05
+            p.add_(noise), q.add_(noise)
+    main_process.mark_stale(), waiting.mark_stale()
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(rollout=waiting.generate(PROMPTS, 1, params)))
+    thread.start()
+    time.sleep(1.0)
+    assert thread.is_alive()  # the engine still serves version 0
+    main_process.generate(PROMPTS, 1, params)  # loads version 1
+    thread.join(timeout=60)
+    assert not thread.is_alive() and _reply_gap(box["rollout"], other, 0.7).max() < 1e-3
+    main_process.mark_stale(), main_process.generate(PROMPTS, 1, params)  # the engine at version 2, this process at 1
+    waiting.stale = True
+    with pytest.raises(EngineError, match="serves the policy of version 2, this process holds version 1"):
+        waiting.generate(PROMPTS, 1, params)
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_two_training_processes_share_one_engine(layout, vllm_python, folder, tmp_path):
+    """REBEL in two processes (DDP through --num_processes 2, FSDP2 through accelerate launch and the
+    shipped config) with the engine sampling: the main process starts one engine, the other attaches
+    to it; every reply of both is its policy's after every update."""
+    (tmp_path / "tiny_rules.py").write_text(RULE_MODULE)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TINY_PROMPTS))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "OMP_NUM_THREADS": "1"}
+    args = ["train", *TINY_ARGS, f"task.prompts={tmp_path / 'prompts.jsonl'}", *_vllm_args(folder), "rollout.vllm_eager=true",
+            "iterations=3", f"run_dir={run}"]
+    config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp.yaml"
+    cmd = ([sys.executable, "-m", "rebelrl.cli", *args, "--num_processes", "2"] if layout == "ddp" else
+           [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+            "--main_process_port", str(_free_port()), "-m", "rebelrl.cli", *args])
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "vllm.log").read_text().count("rebelrl vLLM server: ready on") == 1  # one engine for both
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert len(metrics) == 3
+    for row in metrics:  # vllm/logp_gap_max is the largest over both processes' replies
+        assert row["old_logps_recomputed"] == 1.0 and row["vllm/logp_gap_max"] < 1e-3 and row["completions"] == 16
+
+
+def test_processes_on_several_machines_are_refused_with_the_engine(tmp_path, monkeypatch, capsys, folder):
+    from rebelrl.train.distributed import Processes
+
+    accelerator = type("Accelerator", (), {"num_processes": 4, "process_index": 0})()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert not Processes(accelerator).on_one_machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert Processes(accelerator).on_one_machine
+    prompts = setup_task(tmp_path, monkeypatch)
+    monkeypatch.setattr(Processes, "on_one_machine", property(lambda self: False))
+    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", *_vllm_args(folder), f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "rollout.backend=vllm: the engine serves the processes of one machine" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the run directory was claimed
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_lora_on_sharded_weights_is_refused_with_the_engine(tmp_path, monkeypatch, capsys, folder):
+    from rebelrl.train.distributed import Processes
+
+    prompts = setup_task(tmp_path, monkeypatch)
+    monkeypatch.setattr(Processes, "shards_weights", property(lambda self: True))
+    assert main(["train", *TINY_ARGS, f"task.prompts={prompts}", *_vllm_args(folder), "model.lora_r=4", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "model.lora_r > 0 and sharded weights (FSDP, ZeRO-3)" in capsys.readouterr().err

@@ -129,6 +129,12 @@ class Run:
         evaluation waits for ``progress()``, so that a loop can set ``held_out`` first."""
         processes = Processes.start()
         check_shares(cfg, processes.count, processes.steps_in_backward)
+        if cfg.rollout.backend == "vllm" and not processes.on_one_machine:
+            raise ConfigError("rollout.backend=vllm: the engine serves the processes of one machine (it listens on loopback and "
+                              "takes its weights through a file); launch on one machine, or keep rollout.backend=hf")
+        if cfg.rollout.backend == "vllm" and processes.shards_weights and cfg.model.lora_r > 0:
+            raise ConfigError("rollout.backend=vllm with model.lora_r > 0 and sharded weights (FSDP, ZeRO-3): the adapter cannot yet be "
+                              "gathered for the engine; train the LoRA with DDP (--num_processes N) or with rollout.backend=hf")
         threads = pin_threads(cfg.threads)
         if cfg.free_memory == "at_once" and not free_at_once():
             print("rebelrl: free_memory=at_once needs glibc's malloc; freed memory is returned between phases only", flush=True)
@@ -163,9 +169,14 @@ class Run:
 
         r = cfg.rollout
         # The engine starts (about 100 s on a CPU) while the models load; it serves the policy's own weights from the first sample on.
+        # Several processes share the main process's engine.
         engine = VLLMServer.start(vllm_python, resolve_model_path(cfg.model.name), cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype,
                                   cfg.seed, run_dir / "vllm.log", r.vllm_start_timeout, memory=r.vllm_memory,
-                                  max_lora_rank=cfg.model.lora_r if r.vllm_lora == "adapter" else 0, eager=r.vllm_eager) if vllm_python is not None else None
+                                  max_lora_rank=cfg.model.lora_r if r.vllm_lora == "adapter" else 0,
+                                  eager=r.vllm_eager) if vllm_python is not None and processes.is_main else None
+        if vllm_python is not None and processes.count > 1:
+            port = processes.gather([engine.port if engine is not None else None])[0]
+            engine = engine or VLLMServer.attach(port, run_dir / "vllm.log", r.vllm_start_timeout)
         policy, ref = (load_models or _load_models)(cfg, checkpoint)
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
         budget_key = "eval.max_new_tokens" if eval_budget > r.max_new_tokens else "rollout.max_new_tokens"
@@ -187,7 +198,8 @@ class Run:
         eval_sampling = SamplingParams(eval_temperature, r.top_p, r.top_k, eval_budget, r.repetition_penalty, min(r.min_new_tokens, eval_budget))
         generator = HFGenerator(policy, tokenizer, r.batch_size) if ref is not None else None
         if engine is not None:
-            generator = VLLMGenerator(engine, policy, tokenizer, r.batch_size, lora=r.vllm_lora if cfg.model.lora_r > 0 else "merged")
+            generator = VLLMGenerator(engine, policy, tokenizer, r.batch_size, lora=r.vllm_lora if cfg.model.lora_r > 0 else "merged",
+                                      loads=processes.is_main)
         if processes.shards_weights and generator is not None:
             generator = GatheringGenerator(generator, lambda: processes.full_weights(wrapped))
         run = cls(

@@ -17,6 +17,10 @@ vLLM pins an older transformers than rebelrl needs, so its engine runs in its ow
   place, LoRA merged; the engine is never restarted;
 - the engine's log-probs are kept in ``sample_logps`` only to be compared: log pi_t is always
   recomputed by the trainer (``Run.old_token_logps``), which logs the per-reply gap.
+
+Several training processes on one machine share one engine: the main process starts it and loads
+the weights into it, tagged with the policy's version (its optimizer steps); the others attach to it
+and, before sampling, wait until it serves the version they hold.
 """
 
 from __future__ import annotations
@@ -69,9 +73,10 @@ def find_vllm_python(configured: str | None) -> Path:
 
 class VLLMServer:
     """A vLLM engine in its own process on loopback. ``start`` returns at once (the engine takes
-    about 100 s to start on a 2-core CPU, the first time); ``wait`` blocks until it serves."""
+    about 100 s to start on a 2-core CPU, the first time); ``wait`` blocks until it serves.
+    ``attach`` reaches an engine another process of the run started (``process`` is then None)."""
 
-    def __init__(self, process: subprocess.Popen, port: int, log: Path, timeout: float, weights_dir: Path):
+    def __init__(self, process: subprocess.Popen | None, port: int, log: Path, timeout: float, weights_dir: Path | None):
         self.process, self.port, self.log, self.timeout, self.weights_dir = process, port, log, timeout, weights_dir
         self.info: dict | None = None
         self.started = time.monotonic()
@@ -109,13 +114,26 @@ class VLLMServer:
         _RUNNING.append(server)
         return server
 
+    @classmethod
+    def attach(cls, port: int, log: Path, timeout: float = 900.0) -> VLLMServer:
+        """The engine on ``port`` that the run's main process started and stops; this process only samples from it."""
+        return cls(None, port, log, timeout, None)
+
+    def exit_code(self) -> int | None:
+        """The engine's exit code if this process started it and it has stopped, else None."""
+        return self.process.poll() if self.process is not None else None
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def health(self, timeout: float = 10) -> dict:
+        """The engine's ``/health`` answer: model, dtype, context length, the policy version it serves, peak memory."""
+        return self._request("GET", "/health", timeout=timeout)
+
     def peak_rss_mb(self) -> float:
         """The engine process's peak resident memory so far (MB)."""
-        return float(self._request("GET", "/health", timeout=10)["peak_rss_mb"])
+        return float(self.health()["peak_rss_mb"])
 
     def wait(self) -> dict:
         """Block until the engine serves; its ``/health`` answer (model, dtype, context length)."""
@@ -123,7 +141,7 @@ class VLLMServer:
             return self.info
         deadline = time.monotonic() + self.timeout
         while True:
-            code = self.process.poll()
+            code = self.exit_code()
             if code is not None:
                 self.stop()
                 raise EngineError(f"the vLLM engine stopped while starting (exit code {code}): {self._last_line()} (log: {self.log})")
@@ -146,7 +164,7 @@ class VLLMServer:
             detail = json.loads(e.read() or b"{}").get("error", str(e))
             raise EngineError(f"the vLLM engine failed on {path}: {detail} (log: {self.log})") from None
         except (urllib.error.URLError, ConnectionError) as e:
-            code = self.process.poll()
+            code = self.exit_code()
             raise EngineError(f"the vLLM engine is gone ({'exit code ' + str(code) if code is not None else e}): "
                               f"{self._last_line()} (log: {self.log})") from None
 
@@ -165,9 +183,12 @@ class VLLMServer:
         return (errors or lines or ["empty log"])[-1].strip()[-300:]
 
     def stop(self) -> None:
-        """Stop the engine and everything it started; safe to call twice."""
+        """Stop the engine and everything it started; safe to call twice. An attached engine is left
+        to the process that started it."""
         if self in _RUNNING:
             _RUNNING.remove(self)
+        if self.process is None:
+            return
         if self.process.poll() is None:
             try:
                 self._request("POST", "/shutdown", {}, timeout=5)
@@ -211,7 +232,23 @@ def engines_of_this_block():
 atexit.register(stop_engines)
 
 
-def engine_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full weights of a model whose processes each hold a shard of every weight (FSDP2's
+    DTensors), gathered by every process in the same order (a collective: all of them call it); None
+    where this process holds the full weights already."""
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict()
+    if not any(isinstance(v, DTensor) for v in state.values()):
+        return None
+    gathered: dict[int, torch.Tensor] = {}  # a tied weight is gathered once
+    for value in state.values():
+        if isinstance(value, DTensor) and id(value) not in gathered:
+            gathered[id(value)] = value.full_tensor()
+    return {key: gathered.get(id(value), value) for key, value in state.items()}
+
+
+def engine_state_dict(policy: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The policy's weights under the names of its Hugging Face checkpoint, as the engine loads them:
     LoRA merged (W + the adapter's delta, computed out of place, so the trained weights are untouched),
     a tied output matrix once."""
@@ -229,7 +266,7 @@ def engine_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
             value = value + deltas[key].to(value.dtype) if key in deltas else value
             state[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value
     else:
-        state = dict(policy.state_dict())
+        state = dict(policy.state_dict()) if state is None else state
     seen, out = set(), {}
     for key, value in state.items():
         if value.data_ptr() in seen:  # tied weights: the engine ties them itself
@@ -243,12 +280,15 @@ class VLLMGenerator:
     """``Generator`` backed by a vLLM engine; ``model`` is the trained policy whose weights it serves."""
 
     def __init__(self, server: VLLMServer, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32,
-                 lora: str = "merged"):
+                 lora: str = "merged", loads: bool = True):
         """``lora``: how a LoRA policy reaches the engine: merged into the weights, or as an adapter
-        the engine applies (it then serves the base weights it started with, which LoRA never changes)."""
-        self.server, self.model, self.tokenizer, self.batch_size, self.lora = server, model, tokenizer, batch_size, lora
+        the engine applies (it then serves the base weights it started with, which LoRA never changes).
+        ``loads``: this process loads the policy into the engine (one process a run); False: it waits
+        until the engine serves the policy's version, which another process loads."""
+        self.server, self.model, self.tokenizer, self.batch_size, self.lora, self.loads = server, model, tokenizer, batch_size, lora, loads
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.stale = True  # the engine starts from the checkpoint on disk: the policy's own weights go first
+        self.version = 0  # the policy's: one more at every change (mark_stale), in every process alike
         self.sync_seconds: list[float] = []
         self._reported = 0  # sync_seconds already handed to take_sync_seconds
 
@@ -261,28 +301,53 @@ class VLLMGenerator:
     def mark_stale(self) -> None:
         """The policy changed (an optimizer step, a restored checkpoint): push it before the next sample."""
         self.stale = True
+        self.version += 1
 
     def sync(self) -> float:
-        """Load the policy's current weights into the engine; seconds taken."""
+        """Load the policy's current weights into the engine (or wait until the process that loads them
+        did); seconds taken."""
         t0 = time.perf_counter()
-        if self.lora == "adapter":
+        state = full_state(self.model) if self.lora == "merged" else None  # sharded weights: every process gathers them
+        if not self.loads:
+            self._wait_for_version()
+        elif self.lora == "adapter":
             # The engine reads the adapter's folder whenever it (re)loads it: each stays until the next replaces it.
             folder = self.server.weights_dir / f"adapter-{len(self.sync_seconds)}"
             self.model.save_pretrained(str(folder))  # PEFT: adapter_config.json and the adapter's weights
-            self.server.post("/adapter", {"path": str(folder)})
+            self.server.post("/adapter", {"path": str(folder), "version": self.version})
             for old in self.server.weights_dir.glob("adapter-*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)
         else:
             path = self.server.weights_dir / "policy.safetensors"
-            save_file(engine_state_dict(self.model), str(path))
+            save_file(engine_state_dict(self.model, state), str(path))
             try:
-                self.server.post("/weights", {"path": str(path)})
+                self.server.post("/weights", {"path": str(path), "version": self.version})
             finally:
                 path.unlink(missing_ok=True)
         self.stale = False
         self.sync_seconds.append(time.perf_counter() - t0)
         return self.sync_seconds[-1]
+
+    def _wait_for_version(self) -> None:
+        """Block until the engine serves this process's policy version. The main process loads it at
+        its next sample; it cannot load a later one first, since every optimizer step waits for every
+        process's gradients."""
+        deadline = time.monotonic() + self.server.timeout
+        while True:
+            try:
+                serving = self.server.health()["version"]
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):  # busy sampling for another process
+                serving = None
+            if serving == self.version:
+                return
+            if serving is not None and serving > self.version:
+                raise EngineError(f"the vLLM engine serves the policy of version {serving}, this process holds version "
+                                  f"{self.version}: the processes' optimizer steps disagree (log: {self.server.log})")
+            if time.monotonic() > deadline:
+                raise EngineError(f"the vLLM engine did not load the policy's version {self.version} within "
+                                  f"rollout.vllm_start_timeout={self.server.timeout:g} s (log: {self.server.log})")
+            time.sleep(0.02)
 
     @torch.no_grad()
     def generate(self, prompts: list[Conversation], n: int, params: SamplingParams, seeds: list[int] | None = None,

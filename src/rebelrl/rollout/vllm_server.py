@@ -69,6 +69,7 @@ class Engine:
             **({"enable_lora": True, "max_lora_rank": _lora_rank(args.max_lora_rank), "max_loras": 1} if args.max_lora_rank else {}),
         )
         self.adapter = None  # the LoRARequest every request carries (rollout.vllm_lora=adapter)
+        self.version = None  # the policy version loaded last (None: the checkpoint it started from)
         self.info = {"model": args.model, "dtype": str(self.llm.llm_engine.model_config.dtype).replace("torch.", ""),
                      "max_model_len": self.llm.llm_engine.model_config.max_model_len,
                      "eager": bool(self.llm.llm_engine.model_config.enforce_eager)}
@@ -128,7 +129,8 @@ def serve(args) -> None:
             if self.path == "/health":
                 import resource
 
-                self._reply(200, {**engine.info, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                self._reply(200, {**engine.info, "version": engine.version,
+                                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
             else:
                 self._reply(404, {"error": f"no such endpoint: {self.path}"})
 
@@ -142,10 +144,12 @@ def serve(args) -> None:
                 elif self.path == "/weights":
                     t = time.perf_counter()
                     loaded = engine.load(body["path"])
+                    engine.version = body.get("version")
                     self._reply(200, {"loaded": loaded, "seconds": time.perf_counter() - t})
                 elif self.path == "/adapter":
                     t = time.perf_counter()
                     engine.load_adapter(body["path"])
+                    engine.version = body.get("version")
                     self._reply(200, {"seconds": time.perf_counter() - t})
                 elif self.path == "/shutdown":
                     self._reply(200, {})

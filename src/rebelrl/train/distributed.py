@@ -32,7 +32,7 @@ T = TypeVar("T")
 # How a metric of one process's share combines with the other processes' into the whole batch's.
 # Anything not listed is a mean over the share's completions, weighted by their count.
 SUMMED = ("completions", "guide/completions", "guide/tokens")
-MAXED = ("logp_mismatch_max", "time/")  # an iteration takes as long as its slowest process
+MAXED = ("logp_mismatch_max", "vllm/logp_gap_max", "time/")  # an iteration takes as long as its slowest process
 TOKEN_MEANS = ("sampler_dropped_mass", "value_mean")  # means over completion tokens
 STDS = {"score_std": "score_mean", "reward_std": "reward_mean"}  # a std and the mean it is taken around
 
@@ -66,6 +66,11 @@ class Processes:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def on_one_machine(self) -> bool:
+        """Every process runs on this machine (the launcher's local world is the whole world)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.count)) == self.count
 
     @property
     def device(self) -> torch.device:
@@ -354,9 +359,6 @@ def check_shares(cfg, processes: int, steps_in_backward: bool = False) -> None:
         return
     if cfg.eval.gold_fn is not None:
         raise ConfigError("eval.gold_fn judges the held-out samples in one process for now: launch without --num_processes")
-    if cfg.rollout.backend == "vllm":
-        raise ConfigError("rollout.backend=vllm serves one training process for now (each process would start an engine of its own): "
-                          "launch without --num_processes")
     from rebelrl.train.config import OFFLINE_ALGOS
 
     if cfg.algo in OFFLINE_ALGOS:

@@ -400,19 +400,21 @@ def test_a_process_that_does_not_load_waits_for_the_policy_version_it_holds(engi
         waiting.generate(PROMPTS, 1, params)
 
 
-@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+@pytest.mark.parametrize("layout", ["ddp", "fsdp", "ddp_lora_adapter"])
 def test_two_training_processes_share_one_engine(layout, vllm_python, folder, tmp_path):
     """REBEL in two processes (DDP through --num_processes 2, FSDP2 through accelerate launch and the
-    shipped config) with the engine sampling: the main process starts one engine, the other attaches
-    to it; every reply of both is its policy's after every update."""
+    shipped config, DDP training a LoRA the engine applies as an adapter) with the engine sampling:
+    the main process starts one engine, the other attaches to it; every reply of both is its
+    policy's after every update."""
     (tmp_path / "tiny_rules.py").write_text(RULE_MODULE)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TINY_PROMPTS))
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "OMP_NUM_THREADS": "1"}
+    lora = ["model.lora_r=4", "optim.lr=1e-3", "rollout.vllm_lora=adapter"] if layout == "ddp_lora_adapter" else []
     args = ["train", *TINY_ARGS, f"task.prompts={tmp_path / 'prompts.jsonl'}", *_vllm_args(folder), "rollout.vllm_eager=true",
-            "iterations=3", f"run_dir={run}"]
+            *lora, "iterations=3", f"run_dir={run}"]
     config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "fsdp.yaml"
-    cmd = ([sys.executable, "-m", "rebelrl.cli", *args, "--num_processes", "2"] if layout == "ddp" else
+    cmd = ([sys.executable, "-m", "rebelrl.cli", *args, "--num_processes", "2"] if layout != "fsdp" else
            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
             "--main_process_port", str(_free_port()), "-m", "rebelrl.cli", *args])
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -175,7 +175,7 @@ class Run:
                                   max_lora_rank=cfg.model.lora_r if r.vllm_lora == "adapter" else 0,
                                   eager=r.vllm_eager) if vllm_python is not None and processes.is_main else None
         if vllm_python is not None and processes.count > 1:
-            port = processes.gather([engine.port if engine is not None else None])[0]
+            port = processes.on_main(lambda: engine.port)
             engine = engine or VLLMServer.attach(port, run_dir / "vllm.log", r.vllm_start_timeout)
         policy, ref = (load_models or _load_models)(cfg, checkpoint)
         eval_budget = cfg.eval.max_new_tokens or r.max_new_tokens
@@ -200,7 +200,9 @@ class Run:
         if engine is not None:
             generator = VLLMGenerator(engine, policy, tokenizer, r.batch_size, lora=r.vllm_lora if cfg.model.lora_r > 0 else "merged",
                                       loads=processes.is_main)
-        if processes.shards_weights and generator is not None:
+        # An engine samples without the local weights and, under FSDP2, is loaded from what full_state gathers:
+        # gathering them around its generate too would all-gather every weight twice. ZeRO-3 and FSDP1 still need it.
+        if processes.shards_weights and generator is not None and not (engine is not None and processes.accelerator.is_fsdp2):
             generator = GatheringGenerator(generator, lambda: processes.full_weights(wrapped))
         run = cls(
             cfg=cfg, run_dir=run_dir, task=task, reward_fn=reward_fn, reward_name=reward_name, tokenizer=tokenizer,
